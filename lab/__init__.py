@@ -1,0 +1,33 @@
+"""The local test lab of rabbitguard.limiter (see lab/lab.py): ``import lab; lab.up()``."""
+
+from .lab import (  # noqa: F401
+    AMQP_PASSWORD,
+    AMQP_PORT,
+    AMQP_USER,
+    AMQP_VHOST,
+    RABBITMQ_NODE,
+    Config,
+    LabError,
+    down,
+    hosts,
+    render_inventory,
+    run,
+    status,
+    up,
+)
+
+__all__ = [
+    "AMQP_PASSWORD",
+    "AMQP_PORT",
+    "AMQP_USER",
+    "AMQP_VHOST",
+    "RABBITMQ_NODE",
+    "Config",
+    "LabError",
+    "down",
+    "hosts",
+    "render_inventory",
+    "run",
+    "status",
+    "up",
+]
