@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Run every check of rabbitguard.limiter: host set-up, lint, pytest, Molecule.
+#
+#   sudo scripts/run-tests.sh                 # everything
+#   sudo scripts/run-tests.sh -m 'not bpf'    # extra arguments go to pytest
+#   sudo scripts/run-tests.sh tests/unit -x   # ... including test paths
+#
+# Steps:
+#   1. scripts/setup-host.sh (root only; idempotent, seconds when nothing is missing)
+#   2. lint: ruff check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks)
+#   3. pytest over tests/ (all markers: unit, bpf, integration), with a JUnit report
+#   4. Molecule scenarios, when extensions/molecule/ exists (`molecule test --all`)
+# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
+#
+# pytest finding no test is an error. With CI=true (as .ci/run sets it) a skipped test is a
+# failure: tests/conftest.py reports it so, and the JUnit report is checked here as well.
+#
+# Environment: RUN_TESTS_SKIP_SETUP=1, RUN_TESTS_SKIP_LINT=1, RUN_TESTS_SKIP_MOLECULE=1 leave
+# out a step (never in CI: there every step runs).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${REPO}"
+VENV="${REPO}/.venv"
+PY="${VENV}/bin/python"
+OUT="${REPO}/tests/output"
+JUNIT="${OUT}/junit.xml"
+export PATH="${VENV}/bin:${PATH}"
+export ANSIBLE_CONFIG="${REPO}/ansible.cfg"
+
+is_ci() { case "${CI:-}" in 1 | [Tt]rue | TRUE | [Yy]es) return 0 ;; *) return 1 ;; esac; }
+
+banner() { printf '\n==== %s ====\n' "$*"; }
+log() { printf '[run-tests] %s\n' "$*"; }
+
+declare -a RESULTS=()
+FAILED=0
+record() { # record NAME STATUS [DETAIL]
+    RESULTS+=("$(printf '%-14s %-6s %s' "$1" "$2" "${3:-}")")
+    [[ $2 == ok || $2 == skip ]] || FAILED=1
+}
+skip_step() { # skip_step VAR: true when the step may be left out
+    if [[ "${!1:-0}" == 1 ]]; then
+        if is_ci; then
+            log "$1=1 is ignored in CI: every step runs"
+            return 1
+        fi
+        return 0
+    fi
+    return 1
+}
+
+# --------------------------------------------------------------------------------------------
+# 1. Host set-up
+# --------------------------------------------------------------------------------------------
+banner "setup: scripts/setup-host.sh"
+if skip_step RUN_TESTS_SKIP_SETUP; then
+    record setup skip "RUN_TESTS_SKIP_SETUP=1"
+elif [[ ${EUID} -ne 0 ]]; then
+    if is_ci; then
+        log "CI must run as root (it installs packages and loads BPF programs)"
+        exit 1
+    fi
+    log "not root: host set-up left out; bpf and integration tests will be skipped"
+    record setup skip "not root"
+else
+    bash "${REPO}/scripts/setup-host.sh"
+    record setup ok
+fi
+[[ -x ${PY} ]] || { log "ERROR: ${PY} is missing: run 'sudo scripts/setup-host.sh' first"; exit 1; }
+
+# --------------------------------------------------------------------------------------------
+# 2. Lint
+# --------------------------------------------------------------------------------------------
+run_lint() { # run_lint NAME COMMAND...
+    local name=$1
+    shift
+    banner "lint: $*"
+    if "$@"; then
+        record "${name}" ok
+    else
+        record "${name}" FAIL "$*"
+    fi
+}
+
+if skip_step RUN_TESTS_SKIP_LINT; then
+    record lint skip "RUN_TESTS_SKIP_LINT=1"
+else
+    run_lint ruff ruff check "${REPO}"
+    run_lint yamllint yamllint --strict "${REPO}"
+    mapfile -t shell_files < <(
+        find scripts .ci -maxdepth 2 -type f \( -name '*.sh' -o -path '.ci/run' \) 2>/dev/null | sort
+    )
+    if [[ ${#shell_files[@]} -gt 0 ]]; then
+        run_lint shellcheck shellcheck -x "${shell_files[@]}"
+    fi
+    if [[ -d roles || -d playbooks || -d extensions ]]; then
+        run_lint ansible-lint ansible-lint
+    fi
+fi
+
+# --------------------------------------------------------------------------------------------
+# 3. pytest
+# --------------------------------------------------------------------------------------------
+banner "pytest: ${PY} -m pytest $*"
+mkdir -p "${OUT}"
+rm -f "${JUNIT}"
+set +e
+"${PY}" -m pytest -rs --junitxml="${JUNIT}" "$@"
+PYTEST_RC=$?
+set -e
+
+# Counts from the JUnit report: passed failed skipped total.
+read -r N_PASSED N_FAILED N_SKIPPED _ < <(
+    "${PY}" - "${JUNIT}" <<'PY' || echo "0 0 0 0"
+import sys
+import xml.etree.ElementTree as ET
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print("0 0 0 0")
+    sys.exit(0)
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+total = sum(int(s.get("tests", 0)) for s in suites)
+failed = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+print(max(total - failed - skipped, 0), failed, skipped, total)
+PY
+)
+case ${PYTEST_RC} in
+    0) pytest_status=ok ;;
+    5)
+        log "ERROR: pytest collected no tests (exit 5): that is a failure, not a pass"
+        pytest_status=FAIL
+        ;;
+    *) pytest_status=FAIL ;;
+esac
+if is_ci && [[ ${N_SKIPPED} -gt 0 ]]; then
+    log "ERROR: ${N_SKIPPED} test(s) skipped with CI=true: skipped in CI means not run"
+    pytest_status=FAIL
+fi
+record pytest "${pytest_status}" \
+    "exit ${PYTEST_RC}: ${N_PASSED} passed, ${N_FAILED} failed, ${N_SKIPPED} skipped (report ${JUNIT#"${REPO}"/})"
+
+# --------------------------------------------------------------------------------------------
+# 4. Molecule: the fleet scenario(s) on local test hosts, once extensions/molecule/ exists
+# --------------------------------------------------------------------------------------------
+if [[ -d ${REPO}/extensions/molecule ]]; then
+    if skip_step RUN_TESTS_SKIP_MOLECULE; then
+        record molecule skip "RUN_TESTS_SKIP_MOLECULE=1"
+    elif [[ ${EUID} -ne 0 ]]; then
+        record molecule skip "not root"
+    else
+        banner "molecule: (cd extensions && molecule test --all)"
+        if (cd "${REPO}/extensions" && molecule test --all); then
+            record molecule ok
+        else
+            record molecule FAIL "molecule test --all"
+        fi
+    fi
+fi
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+banner "summary"
+printf '%s\n' "${RESULTS[@]}"
+if [[ ${FAILED} -ne 0 ]]; then
+    log "FAILED (see the steps marked FAIL above)"
+else
+    log "all checks passed"
+fi
+# The closing line, in the plain form that CI reads: N passed, N failed, N skipped.
+printf 'tests: %d passed, %d failed, %d skipped\n' "${N_PASSED}" "${N_FAILED}" "${N_SKIPPED}"
+exit "${FAILED}"
