@@ -326,8 +326,8 @@ def possible_cpus(path=POSSIBLE_CPUS_PATH):
     try:
         with open(path) as f:
             text = f.read().strip()
-    except (IOError, OSError) as e:
-        raise LimiterError('reading possible CPUs from %s: %s' % (path, e))
+    except OSError as e:
+        raise LimiterError('reading possible CPUs from %s: %s' % (path, e)) from e
     count = 0
     for part in text.split(','):
         lo, _sep, hi = part.partition('-')

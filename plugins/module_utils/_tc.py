@@ -95,8 +95,12 @@ def _setns(fd, what):
 
 def _new_ipr():
     # ext_ack: the kernel's own reason ("Specified filter kind does not match
-    # existing one") comes back in NetlinkError instead of a bare EINVAL
-    return IPRoute(ext_ack=True)
+    # existing one") comes back in NetlinkError instead of a bare EINVAL.
+    # Kernels before 4.12 lack NETLINK_EXT_ACK and refuse the socket option.
+    try:
+        return IPRoute(ext_ack=True)
+    except OSError:
+        return IPRoute()
 
 
 def _ipr_in(path, netns):
@@ -107,8 +111,9 @@ def _ipr_in(path, netns):
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise LimiterError('network namespace %s not found (%s)' % (netns, path),
-                               {'errno': e.errno, 'netns': netns})
-        raise LimiterError('%s: %s' % (what, e.strerror), {'errno': e.errno, 'netns': netns})
+                               {'errno': e.errno, 'netns': netns}) from e
+        raise LimiterError('%s: %s' % (what, e.strerror),
+                           {'errno': e.errno, 'netns': netns}) from e
     home = os.open('/proc/thread-self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
     ipr = None
     try:
@@ -177,12 +182,8 @@ def _filter_view(msg):
             name=opts.get_attr('TCA_BPF_NAME'),
             direct_action=bool((opts.get_attr('TCA_BPF_FLAGS') or 0) & TCA_BPF_FLAG_ACT_DIRECT),
             prog_id=struct.unpack('=I', prog_id[:4])[0] if prog_id else None,
-            prog_tag=_hex(tag) if tag else None)
+            prog_tag=tag.hex() if tag else None)
     return view
-
-
-def _hex(data):
-    return ''.join('%02x' % b for b in bytearray(data))
 
 
 def _code(err):
@@ -220,16 +221,17 @@ class Tc:
             return ifname
         return '%s in netns %s' % (ifname, self.netns)
 
-    def _fail(self, doing, ifname, err, **context):
+    def _error(self, doing, ifname, err, **context):
+        """LimiterError('<doing> <ifname> [in netns X]: <reason>') for a netlink failure."""
         context.update(ifname=ifname, netns=self.netns, errno=_code(err))
-        raise LimiterError('%s %s: %s' % (doing, self._where(ifname), _reason(err)), context)
+        return LimiterError('%s %s: %s' % (doing, self._where(ifname), _reason(err)), context)
 
     def _dump_filters(self, ifname, parent):
         index = self.interface_index(ifname)
         try:   # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
         except _NL_ERRORS as e:
-            self._fail('listing tc filters on', ifname, e)
+            raise self._error('listing tc filters on', ifname, e) from e
 
     # -- interfaces and routes -------------------------------------------------
 
@@ -238,7 +240,7 @@ class Tc:
         try:
             found = self.ipr.link_lookup(ifname=name)
         except _NL_ERRORS as e:
-            self._fail('looking up interface', name, e)
+            raise self._error('looking up interface', name, e) from e
         if not found:
             raise LimiterError('interface %s not found' % self._where(name),
                                {'ifname': name, 'netns': self.netns})
@@ -247,24 +249,20 @@ class Tc:
     def default_route_interfaces(self):
         """Interfaces of the main table's default routes, IPv4 then IPv6, no repeats."""
         indexes = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                routes = self.ipr.get_default_routes(family=family, table=RT_TABLE_MAIN)
-            except _NL_ERRORS as e:
-                where = '' if self.netns is None else ' in netns %s' % self.netns
-                raise LimiterError('reading default routes%s: %s' % (where, _reason(e)),
-                                   {'netns': self.netns, 'errno': _code(e)})
-            for route in routes:
-                if route['type'] != RTN_UNICAST:
-                    continue
-                oifs = [route.get_attr('RTA_OIF')]
-                oifs += [nh['oif'] for nh in route.get_attr('RTA_MULTIPATH') or ()]
-                indexes += [i for i in oifs if i and i not in indexes]
-        names = []
-        for index in indexes:
-            for link in self.ipr.get_links(index):
-                names.append(link.get_attr('IFLA_IFNAME'))
-        return names
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for route in self.ipr.get_default_routes(family=family, table=RT_TABLE_MAIN):
+                    if route['type'] != RTN_UNICAST:   # skip unreachable, blackhole, ...
+                        continue
+                    oifs = [route.get_attr('RTA_OIF')]
+                    oifs += [nh['oif'] for nh in route.get_attr('RTA_MULTIPATH') or ()]
+                    indexes += [i for i in oifs if i and i not in indexes]
+            return [link.get_attr('IFLA_IFNAME') for link in self.ipr.get_links(*indexes)] \
+                if indexes else []
+        except _NL_ERRORS as e:
+            where = '' if self.netns is None else ' in netns %s' % self.netns
+            raise LimiterError('reading default routes%s: %s' % (where, _reason(e)),
+                               {'netns': self.netns, 'errno': _code(e)}) from e
 
     # -- qdisc -----------------------------------------------------------------
 
@@ -274,7 +272,7 @@ class Tc:
         try:
             qdiscs = self.ipr.get_qdiscs(index)
         except _NL_ERRORS as e:
-            self._fail('listing qdiscs on', ifname, e)
+            raise self._error('listing qdiscs on', ifname, e) from e
         for qdisc in qdiscs:
             if qdisc['parent'] == TC_H_CLSACT:
                 return qdisc.get_attr('TCA_KIND')
@@ -299,7 +297,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == 'clsact':
                 return False     # someone else was quicker
-            self._fail('adding clsact qdisc to', ifname, e)
+            raise self._error('adding clsact qdisc to', ifname, e) from e
         return True
 
     def remove_clsact_if_empty(self, ifname):
@@ -314,7 +312,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) in (errno.ENOENT, errno.EINVAL):
                 return False
-            self._fail('removing clsact qdisc from', ifname, e)
+            raise self._error('removing clsact qdisc from', ifname, e) from e
         return True
 
     # -- filters ---------------------------------------------------------------
@@ -332,7 +330,8 @@ class Tc:
         there is swapped atomically, and no second filter is ever added."""
         _check_name(name)
         for value, label in ((pref, 'pref'), (handle, 'handle')):
-            if not isinstance(value, int) or not 0 < value <= 0xFFFF:
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 < value <= 0xFFFF:
                 raise LimiterError('attaching %s to %s: %s must be 1..65535, not %r'
                                    % (name, self._where(ifname), label, value))
         index = self.interface_index(ifname)
@@ -341,8 +340,9 @@ class Tc:
                         parent=TC_H_INGRESS_HOOK, prio=pref, protocol=ETH_P_ALL,
                         direct_action=True)
         except _NL_ERRORS as e:
-            self._fail('attaching BPF filter %s (pref %d, handle %d) to ingress of'
-                       % (name, pref, handle), ifname, e, pref=pref, handle=handle)
+            doing = ('attaching BPF filter %s (pref %d, handle %d) to ingress of'
+                     % (name, pref, handle))
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
     def detach(self, ifname, pref, handle):
         """Delete the ingress filter at (pref, handle); False if there was none."""
@@ -356,6 +356,6 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.ENOENT:
                 return False
-            self._fail('detaching filter (pref %d, handle %d) from ingress of'
-                       % (pref, handle), ifname, e, pref=pref, handle=handle)
+            doing = 'detaching filter (pref %d, handle %d) from ingress of' % (pref, handle)
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
         return True
