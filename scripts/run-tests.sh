@@ -106,7 +106,7 @@ banner "pytest: ${PY} -m pytest $*"
 mkdir -p "${OUT}"
 rm -f "${JUNIT}"
 set +e
-"${PY}" -m pytest -rs --junitxml="${JUNIT}" "$@"
+"${PY}" -m pytest -rs --continue-on-collection-errors --junitxml="${JUNIT}" "$@"
 PYTEST_RC=$?
 set -e
 
