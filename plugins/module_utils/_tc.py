@@ -111,9 +111,9 @@ def _ipr_in(path, netns):
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise LimiterError('network namespace %s not found (%s)' % (netns, path),
-                               {'errno': e.errno, 'netns': netns}) from e
+                               {'errno': e.errno, 'netns': netns})
         raise LimiterError('%s: %s' % (what, e.strerror),
-                           {'errno': e.errno, 'netns': netns}) from e
+                           {'errno': e.errno, 'netns': netns})
     home = os.open('/proc/thread-self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
     ipr = None
     try:
@@ -231,7 +231,7 @@ class Tc:
         try:   # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
         except _NL_ERRORS as e:
-            raise self._error('listing tc filters on', ifname, e) from e
+            raise self._error('listing tc filters on', ifname, e)
 
     # -- interfaces and routes -------------------------------------------------
 
@@ -240,7 +240,7 @@ class Tc:
         try:
             found = self.ipr.link_lookup(ifname=name)
         except _NL_ERRORS as e:
-            raise self._error('looking up interface', name, e) from e
+            raise self._error('looking up interface', name, e)
         if not found:
             raise LimiterError('interface %s not found' % self._where(name),
                                {'ifname': name, 'netns': self.netns})
@@ -262,7 +262,7 @@ class Tc:
         except _NL_ERRORS as e:
             where = '' if self.netns is None else ' in netns %s' % self.netns
             raise LimiterError('reading default routes%s: %s' % (where, _reason(e)),
-                               {'netns': self.netns, 'errno': _code(e)}) from e
+                               {'netns': self.netns, 'errno': _code(e)})
 
     # -- qdisc -----------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class Tc:
         try:
             qdiscs = self.ipr.get_qdiscs(index)
         except _NL_ERRORS as e:
-            raise self._error('listing qdiscs on', ifname, e) from e
+            raise self._error('listing qdiscs on', ifname, e)
         for qdisc in qdiscs:
             if qdisc['parent'] == TC_H_CLSACT:
                 return qdisc.get_attr('TCA_KIND')
@@ -297,7 +297,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == 'clsact':
                 return False     # someone else was quicker
-            raise self._error('adding clsact qdisc to', ifname, e) from e
+            raise self._error('adding clsact qdisc to', ifname, e)
         return True
 
     def remove_clsact_if_empty(self, ifname):
@@ -312,7 +312,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) in (errno.ENOENT, errno.EINVAL):
                 return False
-            raise self._error('removing clsact qdisc from', ifname, e) from e
+            raise self._error('removing clsact qdisc from', ifname, e)
         return True
 
     # -- filters ---------------------------------------------------------------
@@ -342,7 +342,7 @@ class Tc:
         except _NL_ERRORS as e:
             doing = ('attaching BPF filter %s (pref %d, handle %d) to ingress of'
                      % (name, pref, handle))
-            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
+            raise self._error(doing, ifname, e, pref=pref, handle=handle)
 
     def detach(self, ifname, pref, handle):
         """Delete the ingress filter at (pref, handle); False if there was none."""
@@ -357,5 +357,5 @@ class Tc:
             if _code(e) == errno.ENOENT:
                 return False
             doing = 'detaching filter (pref %d, handle %d) from ingress of' % (pref, handle)
-            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
+            raise self._error(doing, ifname, e, pref=pref, handle=handle)
         return True
