@@ -1,0 +1,98 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The limiter's pinned maps as userspace reads them, without BCC.
+
+Mirrors the structs of files/bpf/rabbit_limiter.c.j2 field by field; a BPF test
+compares these layouts with the ones BCC derives from the C source, so the two cannot
+drift apart unnoticed. Bump LAYOUT_VERSION whenever a pinned struct changes: pins of
+another version are never reused.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ctypes
+import ipaddress
+
+LAYOUT_VERSION = 1
+MAP_NAMES = ("conns", "channels", "counters", "config")
+ACTION_NAMES = ("drop", "reset", "monitor")
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+class ConnKey(ctypes.Structure):
+    _fields_ = [("client_addr", ctypes.c_uint8 * 16), ("broker_addr", ctypes.c_uint8 * 16),
+                ("client_port", ctypes.c_uint16), ("broker_port", ctypes.c_uint16)]
+
+
+class ConnState(ctypes.Structure):
+    _fields_ = [("epoch", ctypes.c_uint64), ("next_hdr", ctypes.c_uint32),
+                ("consumers", ctypes.c_uint32), ("refused", ctypes.c_uint32),
+                ("synced", ctypes.c_uint8), ("reset_sent", ctypes.c_uint8),
+                ("after_frame", ctypes.c_uint8), ("stash_len", ctypes.c_uint8),
+                ("stash", ctypes.c_uint8 * 11)]
+
+
+class ChanKey(ctypes.Structure):
+    _fields_ = [("conn", ConnKey), ("channel", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class ChanState(ctypes.Structure):
+    _fields_ = [("epoch", ctypes.c_uint64), ("consumers", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class Counters(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "segments", "amqp_segments", "consumes_allowed", "consumes_refused", "cancels",
+        "channel_closes", "conns_tracked", "conns_forgotten", "resyncs", "unparsed")]
+
+
+class DeployedConfig(ctypes.Structure):
+    _fields_ = [("port", ctypes.c_uint32), ("limit", ctypes.c_uint32),
+                ("action", ctypes.c_uint32), ("ethernet", ctypes.c_uint32),
+                ("frame_max", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("digest", ctypes.c_uint8 * 32)]
+
+
+def address_text(raw16):
+    """A conn_key address as text: IPv4 for v4-mapped addresses, else IPv6."""
+    raw = bytes(raw16)
+    if raw.startswith(_V4_MAPPED_PREFIX):
+        return str(ipaddress.IPv4Address(raw[12:]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def address_bytes(text):
+    """The 16 bytes a conn_key holds for an address given as text."""
+    addr = ipaddress.ip_address(text)
+    if addr.version == 4:
+        return _V4_MAPPED_PREFIX + addr.packed
+    return addr.packed
+
+
+def conn_key(client, client_port, broker, broker_port):
+    key = ConnKey()
+    key.client_addr[:] = list(address_bytes(client))
+    key.broker_addr[:] = list(address_bytes(broker))
+    key.client_port, key.broker_port = client_port, broker_port
+    return key
+
+
+def decode(struct_type, raw):
+    return struct_type.from_buffer_copy(raw[:ctypes.sizeof(struct_type)])
+
+
+def as_dict(value):
+    """Plain Python values of a ctypes struct (arrays become lists)."""
+    out = {}
+    for name, _ctype in value._fields_:
+        field = getattr(value, name)
+        if isinstance(field, ctypes.Array):
+            field = list(field)
+        elif isinstance(field, ctypes.Structure):
+            field = as_dict(field)
+        out[name] = field
+    return out

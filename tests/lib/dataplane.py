@@ -1,0 +1,152 @@
+"""The real limiter program, rendered, compiled with BCC, fed packets by BPF_PROG_TEST_RUN.
+
+Maps are pinned in a private directory under /sys/fs/bpf and read back through the same
+userspace code the modules use (_bpfsys + _layout), not through BCC's table objects.
+"""
+
+import ctypes
+import os
+import shutil
+import tempfile
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
+    _compile,
+    _layout,
+    _render,
+)
+
+from . import packets
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+BROKER_V4 = "198.18.0.1"
+BROKER_V6 = "fd00::1"
+
+
+class Dataplane:
+    """One compiled variant of the classifier with its pinned maps."""
+
+    def __init__(self, limit=3, action="drop", port=5672, l2="ethernet", frame_max=131072):
+        self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_render.BPFFS_ROOT)
+        try:
+            self.config = _render.validate(port, limit, action, l2, self.pin_dir, frame_max)
+            self.source = _render.render(self.config, _render.read_template())
+            self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
+            self.map_fds = {name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
+                            for name in _layout.MAP_NAMES}
+        except Exception:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            raise
+
+    @property
+    def port(self):
+        return self.config["port"]
+
+    def run(self, packet):
+        """(verdict, packet as the program left it)."""
+        verdict, _ns, out = _bpfsys.prog_test_run(self.function.fd, packet)
+        return verdict, out
+
+    def bench(self, packet, repeat):
+        """Mean ns per run, as the kernel measured it."""
+        return _bpfsys.prog_test_run(self.function.fd, packet, repeat=repeat)[1]
+
+    # -- reading the maps ---------------------------------------------------------------
+    def conn(self, client, client_port, broker=None):
+        broker = broker or (BROKER_V6 if ":" in client else BROKER_V4)
+        key = _layout.conn_key(client, client_port, broker, self.port)
+        raw = _bpfsys.map_lookup(self.map_fds["conns"], bytes(key),
+                                 ctypes.sizeof(_layout.ConnState))
+        return None if raw is None else _layout.decode(_layout.ConnState, raw)
+
+    def channels(self, client, client_port, broker=None):
+        """{channel: consumers} of the connection's current epoch, zero counts left out."""
+        state = self.conn(client, client_port, broker)
+        if state is None:
+            return {}
+        want = bytes(_layout.conn_key(client, client_port,
+                                      broker or (BROKER_V6 if ":" in client else BROKER_V4),
+                                      self.port))
+        fd = self.map_fds["channels"]
+        out = {}
+        for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
+            key = _layout.decode(_layout.ChanKey, raw_key)
+            if bytes(key.conn) != want:
+                continue
+            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ChanState))
+            if raw is None:
+                continue
+            value = _layout.decode(_layout.ChanState, raw)
+            if value.epoch == state.epoch and value.consumers:
+                out[key.channel] = value.consumers
+        return out
+
+    def counters(self):
+        per_cpu = _bpfsys.map_lookup_percpu(self.map_fds["counters"], b"\x00" * 4,
+                                            ctypes.sizeof(_layout.Counters))
+        total = dict.fromkeys((name for name, _t in _layout.Counters._fields_), 0)
+        for raw in per_cpu:
+            for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
+                total[name] += value
+        return total
+
+    def reset_state(self):
+        """Empty the connection maps and zero the counters between tests."""
+        for name, key_type in (("conns", _layout.ConnKey), ("channels", _layout.ChanKey)):
+            fd = self.map_fds[name]
+            for key in list(_bpfsys.map_keys(fd, ctypes.sizeof(key_type))):
+                _bpfsys.map_delete(fd, key)
+        slot = (ctypes.sizeof(_layout.Counters) + 7) & ~7
+        _bpfsys.map_update(self.map_fds["counters"], b"\x00" * 4,
+                           b"\x00" * (slot * _bpfsys.possible_cpus()))
+
+    def close(self):
+        for fd in self.map_fds.values():
+            _bpfsys.close(fd)
+        self.map_fds = {}
+        self.bpf.cleanup()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+
+class Flow:
+    """One client connection: builds its segments and tracks its sequence number."""
+
+    def __init__(self, dp, client="198.18.0.2", client_port=40000, broker=None, isn=1000,
+                 vlans=(), l2=True, ip_options=b""):
+        self.dp = dp
+        self.client, self.client_port = client, client_port
+        self.broker = broker or (BROKER_V6 if ":" in client else BROKER_V4)
+        self.seq = isn
+        self.vlans, self.l2, self.ip_options = vlans, l2, ip_options
+
+    def packet(self, payload=b"", seq=None, flags=packets.ACK | packets.PSH):
+        return packets.tcp_packet(self.client, self.broker, self.client_port, self.dp.port,
+                                  self.seq if seq is None else seq, payload, flags,
+                                  vlans=self.vlans, l2=self.l2, ip_options=self.ip_options)
+
+    def send(self, payload=b"", seq=None, flags=packets.ACK | packets.PSH):
+        """Run one segment; the sequence advances only past segments that passed."""
+        start = self.seq if seq is None else seq
+        verdict, out = self.dp.run(self.packet(payload, start, flags))
+        self.last_out = out
+        if verdict == TC_ACT_OK:
+            self.seq = max(self.seq, start + len(payload))
+        return verdict
+
+    def handshake(self):
+        """SYN, then the protocol header: the connection as a client opens it."""
+        assert self.send(flags=packets.SYN, seq=self.seq - 1) == TC_ACT_OK
+        from .amqp import PROTOCOL_HEADER
+
+        return self.send(PROTOCOL_HEADER)
+
+    def state(self):
+        return self.dp.conn(self.client, self.client_port, self.broker)
+
+    def channels(self):
+        return self.dp.channels(self.client, self.client_port, self.broker)
+
+    def consumers(self):
+        state = self.state()
+        return None if state is None else state.consumers
