@@ -1,3 +1,6 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The local test lab of rabbitguard.limiter (see lab/lab.py): ``import lab; lab.up()``."""
 
 from .lab import (  # noqa: F401
@@ -12,6 +15,7 @@ from .lab import (  # noqa: F401
     hosts,
     render_inventory,
     run,
+    running,
     status,
     up,
 )
@@ -28,6 +32,7 @@ __all__ = [
     "hosts",
     "render_inventory",
     "run",
+    "running",
     "status",
     "up",
 ]
