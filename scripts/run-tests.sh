@@ -7,7 +7,8 @@
 #
 # Steps:
 #   1. scripts/setup-host.sh (root only; idempotent, seconds when nothing is missing)
-#   2. lint: ruff check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks)
+#   2. lint: ruff check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks),
+#      antsibull-changelog lint, ansible-test sanity (on the built collection)
 #   3. pytest over tests/ (all markers: unit, bpf, integration), with a JUnit report
 #   4. Molecule scenarios, when extensions/molecule/ exists (`molecule test --all`)
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
@@ -83,6 +84,28 @@ run_lint() { # run_lint NAME COMMAND...
     fi
 }
 
+# ansible-test needs the collection at .../ansible_collections/rabbitguard/limiter (a real
+# path: it resolves symlinks), so sanity runs on the built artifact, installed in a temp dir:
+# exactly what users get (no lab/, scripts/, bench/).
+# shellcheck disable=SC2317  # called through run_lint
+ansible_test_sanity() {
+    local tmp rc=0 pyver
+    tmp="$(mktemp -d /tmp/rabbitguard-sanity.XXXXXX)"
+    pyver="$("${PY}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    # Away from the repository's ansible.cfg, whose collections_path already holds the
+    # collection (install would find nothing to do).
+    (
+        cd "${tmp}" && unset ANSIBLE_CONFIG \
+            && ansible-galaxy collection build --output-path "${tmp}" "${REPO}" \
+            && ansible-galaxy collection install --offline --force -p "${tmp}/install" \
+                "${tmp}"/rabbitguard-limiter-*.tar.gz \
+            && cd "${tmp}/install/ansible_collections/rabbitguard/limiter" \
+            && ansible-test sanity --local --python "${pyver}"
+    ) || rc=$?
+    rm -rf "${tmp}"
+    return "${rc}"
+}
+
 if skip_step RUN_TESTS_SKIP_LINT; then
     record lint skip "RUN_TESTS_SKIP_LINT=1"
 else
@@ -96,6 +119,10 @@ else
     fi
     if [[ -d roles || -d playbooks || -d extensions ]]; then
         run_lint ansible-lint ansible-lint
+    fi
+    run_lint changelog antsibull-changelog lint
+    if [[ -d plugins ]]; then
+        run_lint sanity ansible_test_sanity
     fi
 fi
 
