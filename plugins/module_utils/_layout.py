@@ -19,6 +19,7 @@ import ipaddress
 LAYOUT_VERSION = 1
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ACTION_NAMES = ("drop", "reset", "monitor")
+ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -30,7 +31,7 @@ class ConnKey(ctypes.Structure):
 class ConnState(ctypes.Structure):
     _fields_ = [("epoch", ctypes.c_uint64), ("next_hdr", ctypes.c_uint32),
                 ("consumers", ctypes.c_uint32), ("refused", ctypes.c_uint32),
-                ("synced", ctypes.c_uint8), ("reset_sent", ctypes.c_uint8),
+                ("synced", ctypes.c_uint8), ("ended", ctypes.c_uint8),
                 ("after_frame", ctypes.c_uint8), ("stash_len", ctypes.c_uint8),
                 ("stash", ctypes.c_uint8 * 11)]
 

@@ -3,7 +3,7 @@ rendered and compiled program, asserting its verdicts and what it left in its ma
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout, _render
 from tests.lib import amqp, packets
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
 
@@ -123,6 +123,14 @@ def test_connection_close_forgets_the_connection(dp, closing):
     flow = opened(dp)
     flow.send(amqp.consume(1))
     assert flow.send(closing()) == TC_ACT_OK
+    assert flow.state().ended == _layout.ENDED_CLOSED
+    assert flow.state().consumers == 0
+    assert dp.counters()["conns_forgotten"] == 1
+    # Its last bytes and retransmissions pass untouched and start nothing new.
+    assert flow.send(amqp.connection_close_ok() + amqp.consume(1) * 5) == TC_ACT_OK
+    assert flow.state().ended == _layout.ENDED_CLOSED
+    assert dp.counters()["resyncs"] == 0
+    assert flow.send(flags=packets.FIN | packets.ACK) == TC_ACT_OK
     assert flow.state() is None
     assert dp.counters()["conns_forgotten"] == 1
 
@@ -452,7 +460,7 @@ def test_reset_turns_the_over_limit_segment_into_a_valid_rst(dataplanes):
         assert packets.tcp_flags(out) == packets.tcp_flags(sent) | packets.RST
         assert packets.tcp_checksum_ok(out)
         assert len(out) == len(sent)
-        assert flow.state().reset_sent == 1
+        assert flow.state().ended == _layout.ENDED_RESET
         assert flow.state().consumers == 0
         # The client's retransmission then passes untouched: the host answers it with RST.
         again = flow.packet(amqp.consume(2), seq=seq)
