@@ -1,3 +1,4 @@
+#!/usr/bin/python3
 # -*- coding: utf-8 -*-
 # Copyright: rabbitguard.limiter contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -42,7 +43,9 @@ or as a library (pytest fixtures, Molecule create/destroy)::
 Environment (so that several labs can run side by side, e.g. a Molecule scenario next to the
 default lab): ``RG_LAB_PREFIX`` (default ``rg``: 1-6 lowercase letters and digits),
 ``RG_LAB_SUBNET`` (0-255, default 0), ``RG_LAB_STATE_DIR`` (default /run/rabbitguard-lab, or
-/run/rabbitguard-lab-<prefix> for another prefix). Standard library only.
+/run/rabbitguard-lab-<prefix> for another prefix), ``RG_LAB_PRIVATE_DIRS`` (colon-separated
+absolute directories that each host gets a private copy of, e.g. where a role writes files
+that must not land on this machine or be shared between hosts). Standard library only.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -109,6 +113,7 @@ EPMD_TIMEOUT = 10.0
 BROKER_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 KEEPER_SOCKET = "keeper.sock"
+NOFILE = 65536
 PR_SET_CHILD_SUBREAPER = 36
 
 # Busy-waiting schedulers burn CPU on idle nodes; three of them on two cores slow every test.
@@ -147,6 +152,8 @@ class Config:
     prefix: str = DEFAULT_PREFIX
     subnet: int = 0
     state_dir: str = DEFAULT_STATE_DIR
+    # More directories of this machine that each host sees as a private copy (bind mounts).
+    extra_private_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", self.prefix):
@@ -156,6 +163,11 @@ class Config:
             raise LabError(f"lab subnet index {self.subnet}: use 0-255")
         if not os.path.isabs(self.state_dir):
             raise LabError(f"lab state dir {self.state_dir!r}: must be an absolute path")
+        for path in self.extra_private_dirs:
+            if (not os.path.isabs(path) or os.path.normpath(path) in ("/", "/proc", "/sys", "/dev")
+                    or not re.fullmatch(r"[A-Za-z0-9_./+-]+", path)):
+                raise LabError(f"lab private dir {path!r}: use an absolute path (not /, /proc, "
+                               "/sys, /dev) of letters, digits and _./+-")
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Config:
@@ -170,7 +182,13 @@ class Config:
         if prefix != DEFAULT_PREFIX:
             default_dir = f"{DEFAULT_STATE_DIR}-{prefix}"
         state_dir = env.get("RG_LAB_STATE_DIR") or default_dir
-        return cls(prefix=prefix, subnet=subnet, state_dir=state_dir)
+        extra = tuple(os.path.normpath(p) for p in (env.get("RG_LAB_PRIVATE_DIRS") or "").split(":")
+                      if p)
+        return cls(prefix=prefix, subnet=subnet, state_dir=state_dir, extra_private_dirs=extra)
+
+    @property
+    def private_dirs(self) -> tuple[str, ...]:
+        return PRIVATE_DIRS + tuple(p for p in self.extra_private_dirs if p not in PRIVATE_DIRS)
 
     @property
     def bridge(self) -> str:
@@ -584,6 +602,12 @@ def _keeper_main(state_dir: str) -> int:
         print(f"keeper: prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}",
               file=sys.stderr)
         return 1
+    # Daemons inherit this: brokers and sshd sessions should not run out of descriptors at the
+    # caller's (often 1024) soft limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -724,6 +748,19 @@ def _start_keeper(cfg: Config) -> _Keeper:
 # --------------------------------------------------------------------------------------------
 
 
+def _ensure_mountpoints(cfg: Config, state: dict, changes: _Changes) -> None:
+    """Extra private dirs need a mountpoint on this machine; down() removes the ones made here."""
+    made = state.setdefault("made_dirs", [])
+    for path in cfg.extra_private_dirs:
+        if not os.path.isdir(path):
+            missing = path
+            while not os.path.isdir(os.path.dirname(missing)):
+                missing = os.path.dirname(missing)
+            os.makedirs(path, mode=0o755)
+            made.append(missing)
+            changes.add(f"created {path} (mountpoint of the hosts' private copies)")
+
+
 def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes) -> set[str]:
     """State dir, keys, per-host config; returns the names of hosts whose config changed."""
     if not os.path.isdir(cfg.state_dir):
@@ -748,6 +785,15 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
     dirty = set()
     for host in hosts_:
         os.makedirs(host.dir, mode=0o755, exist_ok=True)
+        for path in cfg.extra_private_dirs:
+            copy = host.private_dir(path)
+            if not os.path.isdir(copy):
+                # The host starts from what this machine has there; then it is the host's own.
+                if os.path.isdir(path):
+                    shutil.copytree(path, copy, symlinks=True)
+                else:
+                    os.makedirs(copy, mode=0o755)
+                changes.add(f"{host.name}: private copy of {path}")
         etc, lib, logdir = (host.private_dir(p) for p in PRIVATE_DIRS)
         for path in (etc, lib, os.path.join(lib, "mnesia"), logdir):
             os.makedirs(path, mode=0o755, exist_ok=True)
@@ -893,9 +939,9 @@ def _rabbit_env() -> dict:
     }
 
 
-def _host_init_argv(host: Host) -> list[str]:
+def _host_init_argv(cfg: Config, host: Host) -> list[str]:
     """sshd of a host in its netns, in a new mount + UTS namespace set up as that host."""
-    binds = " && ".join(f"mount --bind {host.private_dir(p)} {p}" for p in PRIVATE_DIRS)
+    binds = "; ".join(f"mount --bind {host.private_dir(p)} {p}" for p in cfg.private_dirs)
     script = (
         "set -e; "
         f"hostname {host.name}; "
@@ -975,7 +1021,8 @@ def _ensure_processes(cfg: Config, hosts_: list[Host], state: dict, keeper: _Kee
         return procs[host.name]["sshd"]["pid"]
 
     # sshd first: it is the anchor of the host's mount and UTS namespaces.
-    for host, rec, log_path in start("sshd", _host_init_argv, path_env, "sshd.log"):
+    for host, rec, log_path in start("sshd", lambda h: _host_init_argv(cfg, h), path_env,
+                                     "sshd.log"):
         _wait(lambda h=host: _tcp_open(h.ipv4, 22), SSHD_TIMEOUT,
               f"{host.name}: sshd on {host.ipv4}:22", log_path, rec)
     # Our own epmd, so that its PID is known (the one erl would start daemonizes itself).
@@ -1021,8 +1068,14 @@ def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
                 f"the lab has {state['count']} hosts, not {count}: run `lab.py down` first")
         hosts_ = cfg.hosts(count)
         changes = _Changes(log)
+        record = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        if state.get("config") and state["config"] != record:
+            raise LabError(f"the lab in {cfg.state_dir} was made with other settings "
+                           f"({state['config']}): run `lab.py down` first")
         dirty = _ensure_files(cfg, hosts_, count, changes)
-        state.update({"count": count, "config": dataclasses.asdict(cfg)})
+        state.update({"count": count, "config": record})
+        _ensure_mountpoints(cfg, state, changes)
+        _save_state(cfg, state)
         _ensure_network(cfg, hosts_, changes)
         keeper = _Keeper(cfg, state.get("keeper") or {"pid": 0, "start": 0})
         if not (_alive(keeper.rec) and keeper.ping()):
@@ -1084,6 +1137,13 @@ def down(cfg: Config | None = None, log=_log) -> None:
             if re.fullmatch(rf"{re.escape(cfg.prefix)}-veth\d+", name) or name == cfg.bridge:
                 _ip("link", "del", name, check=False)
                 log(f"deleted link {name}")
+        for path in state.get("made_dirs", []):
+            # Only mountpoints made by up(), and only while empty: never anyone's files.
+            for root, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)
+            if not os.path.exists(path):
+                log(f"removed {path}")
         if os.path.isdir(cfg.state_dir):
             shutil.rmtree(cfg.state_dir)
             log(f"removed {cfg.state_dir}")
@@ -1185,8 +1245,10 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="bring the lab up (idempotent)")
     p_up.add_argument("-n", "--hosts", type=int, default=None,
                       help=f"number of hosts (default: as running, else {DEFAULT_COUNT})")
+    p_up.add_argument("--json", action="store_true", help="print the hosts as JSON on stdout")
     sub.add_parser("down", help="stop and remove everything")
-    sub.add_parser("status", help="one line per host; exit 0 when all are up")
+    p_status = sub.add_parser("status", help="one line per host; exit 0 when all are up")
+    p_status.add_argument("--json", action="store_true", help="print JSON instead")
     p_inv = sub.add_parser("inventory", help="print the Ansible inventory of this lab")
     p_inv.add_argument("-n", "--hosts", type=int, default=None)
     p_ssh = sub.add_parser("ssh", help="ssh into a lab host")
@@ -1200,14 +1262,18 @@ def main(argv: list[str] | None = None) -> int:
             return _keeper_main(args.state_dir)
         cfg = Config.from_env()
         if args.command == "up":
-            up(n=args.hosts, cfg=cfg)
+            result = up(n=args.hosts, cfg=cfg)
+            if args.json:
+                print(json.dumps(result, indent=2))
             return 0
         if args.command == "down":
             down(cfg=cfg)
             return 0
         if args.command == "status":
             entries = status(cfg=cfg)
-            for entry in entries:
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            for entry in [] if args.json else entries:
                 print(_format_status(entry))
             return 0 if all(e["state"] == "up" for e in entries) else 1
         if args.command == "inventory":
