@@ -174,3 +174,22 @@ def test_hosts_lists_what_a_test_needs_without_root(tmp_path):
         5672,
         "rabbit@localhost",
     )
+
+
+def test_private_dirs_are_bind_mounted_in_every_host_from_its_own_copy():
+    cfg = lab.Config.from_env({"RG_LAB_PRIVATE_DIRS": "/etc/rabbitguard:/usr/local/lib/rg/:"})
+    assert cfg.extra_private_dirs == ("/etc/rabbitguard", "/usr/local/lib/rg")
+    host = cfg.host(3)
+    script = labmod._host_init_argv(cfg, host)[-1]
+    for path in ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq", "/etc/rabbitguard",
+                 "/usr/local/lib/rg"):
+        assert f"mount --bind {host.private_dir(path)} {path};" in script
+    assert host.private_dir("/etc/rabbitguard") == f"{cfg.state_dir}/rabbit3/etc-rabbitguard"
+    assert "mount -t bpf bpf /sys/fs/bpf;" in script
+    assert script.endswith(f"exec /usr/sbin/sshd -D -e -f {host.dir}/sshd_config")
+
+
+@pytest.mark.parametrize("dirs", ["relative/dir", "/", "/proc", "/etc/a b", "/etc/$(x)"])
+def test_unsafe_private_dirs_are_refused(dirs):
+    with pytest.raises(lab.LabError, match="private dir"):
+        lab.Config.from_env({"RG_LAB_PRIVATE_DIRS": dirs})
