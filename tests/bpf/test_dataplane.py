@@ -32,7 +32,7 @@ def test_consumes_up_to_the_limit_pass_and_are_counted(dp):
 
 def test_consume_over_the_limit_is_dropped(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
     assert flow.consumers() == 3
@@ -51,10 +51,10 @@ def test_limit_zero_refuses_the_first_consume(dataplanes):
 
 def test_refused_consume_is_refused_again_when_retransmitted(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     seq = flow.seq
-    for _ in range(3):
+    for _i in range(3):
         assert flow.send(amqp.consume(1), seq=seq) == TC_ACT_SHOT
     assert flow.consumers() == 3
     assert dp.counters()["consumes_refused"] == 3
@@ -62,7 +62,7 @@ def test_refused_consume_is_refused_again_when_retransmitted(dp):
 
 def test_other_frames_pass_at_the_limit(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     assert flow.send(amqp.publish(1, b"hello")) == TC_ACT_OK
     assert flow.send(amqp.heartbeat()) == TC_ACT_OK
@@ -72,7 +72,7 @@ def test_other_frames_pass_at_the_limit(dp):
 
 def test_connections_are_counted_separately(dp):
     first, second = opened(dp, client_port=40001), opened(dp, client_port=40002)
-    for _ in range(3):
+    for _i in range(3):
         assert first.send(amqp.consume(1)) == TC_ACT_OK
     assert second.send(amqp.consume(1)) == TC_ACT_OK
     assert first.send(amqp.consume(1)) == TC_ACT_SHOT
@@ -91,7 +91,7 @@ def test_consumers_on_several_channels_add_up(dp):
 
 def test_cancel_frees_a_slot(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     assert flow.send(amqp.cancel(1)) == TC_ACT_OK
     assert flow.consumers() == 2
@@ -135,7 +135,8 @@ def test_connection_close_forgets_the_connection(dp, closing):
     assert dp.counters()["conns_forgotten"] == 1
 
 
-@pytest.mark.parametrize("flags", [packets.FIN | packets.ACK, packets.RST, packets.RST | packets.ACK])
+@pytest.mark.parametrize("flags", [packets.FIN | packets.ACK, packets.RST,
+                                   packets.RST | packets.ACK])
 def test_fin_and_rst_forget_the_connection(dp, flags):
     flow = opened(dp)
     flow.send(amqp.consume(1))
@@ -152,7 +153,7 @@ def test_fin_with_data_applies_the_data_then_forgets(dp):
 
 def test_reused_client_port_starts_from_zero(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     again = opened(dp, isn=900000)      # same 4-tuple: SYN, then a new protocol header
     assert again.consumers() == 0
@@ -162,7 +163,7 @@ def test_reused_client_port_starts_from_zero(dp):
 
 def test_new_protocol_header_without_syn_starts_from_zero(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     reused = Flow(dp, isn=5000000)      # the SYN went unseen (limiter attached late)
     assert reused.send(amqp.PROTOCOL_HEADER) == TC_ACT_OK
@@ -181,7 +182,7 @@ def test_pipelined_consumes_in_one_segment_are_all_counted(dp):
 
 def test_a_refused_segment_commits_nothing(dp):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     # close frees three slots, then four consumes: the fourth is over the limit.
     segment = amqp.channel_close(1) + amqp.cancel(1) + amqp.consume(2) * 4
@@ -233,7 +234,7 @@ def test_frame_spanning_many_segments_is_skipped_by_position(dp):
 @pytest.mark.parametrize("cut", range(1, 11))
 def test_method_header_straddling_two_segments_is_recognised(dp, cut):
     flow = opened(dp)
-    for _ in range(3):
+    for _i in range(3):
         flow.send(amqp.consume(1))
     flow.send(amqp.cancel(1))
     consume = amqp.consume(4)
@@ -363,7 +364,7 @@ def test_frames_up_to_the_walk_bound_are_all_walked(dp):
 
 def test_ipv6(dp):
     flow = opened(dp, client="fd00::2")
-    for _ in range(3):
+    for _i in range(3):
         assert flow.send(amqp.consume(1)) == TC_ACT_OK
     assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
     assert flow.channels() == {1: 3}
@@ -471,7 +472,7 @@ def test_reset_turns_the_over_limit_segment_into_a_valid_rst(dataplanes):
 def test_monitor_refuses_nothing_and_reports(dataplanes):
     dp = dataplanes(limit=2, action="monitor")
     flow = opened(dp)
-    for _ in range(5):
+    for _i in range(5):
         assert flow.send(amqp.consume(1)) == TC_ACT_OK
     assert flow.consumers() == 5
     assert flow.state().refused == 3

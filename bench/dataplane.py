@@ -1,0 +1,155 @@
+#!/usr/bin/python3
+"""Nanoseconds per packet of the limiter, side by side with a no-op tc program (the floor)
+and the naive first-frame limiter (bench/naive_limiter.c), in one run.
+
+    sudo .venv/bin/python bench/dataplane.py [--samples N]
+
+Every program runs on the same crafted packets through BPF_PROG_TEST_RUN. The limiter
+keeps state per connection, so a packet run twice is a retransmission the second time;
+to measure the first-time path, each sample restores the connection's state from
+userspace and runs the packet once (repeat=1). Every program is measured the same way
+(median of N single runs; the kernel's clock read around one run is included for all
+three), and a second table gives the classic repeat-loop mean for the stateless cases.
+"""
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINK = os.path.join(ROOT, ".collections", "ansible_collections", "rabbitguard", "limiter")
+if not os.path.islink(LINK):
+    os.makedirs(os.path.dirname(LINK), exist_ok=True)
+    os.symlink(os.path.join("..", "..", ".."), LINK)
+sys.path[:0] = [ROOT, os.path.join(ROOT, ".collections")]
+
+from bcc import BPF  # noqa: E402
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (  # noqa: E402
+    _bpfsys,
+    _layout,
+)
+from tests.lib import amqp, packets  # noqa: E402
+from tests.lib.dataplane import Dataplane  # noqa: E402
+
+CLIENT, BROKER, SPORT, SEQ = "198.18.0.2", "198.18.0.1", 40000, 1000000
+LIMIT = 3
+
+
+def amqp_packet(payload, port=5672):
+    return packets.tcp_packet(CLIENT, BROKER, SPORT, port, SEQ, payload)
+
+
+def cases():
+    small_publish = amqp.publish(1, b"m" * 100)
+    sixteen = (amqp.publish(1, b"m" * 40) * 5) + amqp.heartbeat()     # 5 x 3 frames + 1
+    # BPF_PROG_TEST_RUN takes at most one page of linear data (3712 bytes here), so the
+    # largest segments are measured on real traffic by bench/gro.py.
+    big_body = amqp.publish(1, b"b" * 3500)
+    return [
+        # name, packet, where the limiter's next frame header is (relative to SEQ), consumers
+        ("non-AMQP TCP (port 443, 1448 B)",
+         packets.tcp_packet(CLIENT, BROKER, SPORT, 443, SEQ, b"x" * 1448), 0, 0),
+        ("heartbeat", amqp_packet(amqp.heartbeat()), 0, 0),
+        ("publish, small (3 frames)", amqp_packet(small_publish), 0, 0),
+        ("publish, 3.5 KiB (3 frames)", amqp_packet(big_body), 0, 0),
+        ("3.5 KiB inside a body", amqp_packet(b"b" * 3600), 70000, 0),
+        ("16 pipelined frames", amqp_packet(sixteen), 0, 0),
+        ("consume over the limit (refused)", amqp_packet(amqp.consume(1)), 0, LIMIT),
+    ]
+
+
+class Limiter:
+    """Ours: restores the connection's state before every sample."""
+
+    name = "rabbitguard"
+
+    def __init__(self):
+        self.dp = Dataplane(limit=LIMIT, action="drop")
+        self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
+
+    def prepare(self, header_at, consumers):
+        state = _layout.ConnState(epoch=1, next_hdr=SEQ + header_at, consumers=consumers,
+                                  synced=1, after_frame=1)
+        _bpfsys.map_update(self.dp.map_fds["conns"], self.key, bytes(state))
+
+    def fd(self):
+        return self.dp.function.fd
+
+    def close(self):
+        self.dp.close()
+
+
+class Baseline:
+    """The no-op program and the naive limiter, compiled together."""
+
+    def __init__(self):
+        with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
+            self.bpf = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
+        self.fds = {name: self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+                    for name in ("noop", "naive_limiter")}
+        table = self.bpf[b"naive_consumers"]
+        import socket
+        import struct
+
+        key = table.Key(struct.unpack("I", socket.inet_aton(CLIENT))[0],
+                        struct.unpack("I", socket.inet_aton(BROKER))[0],
+                        socket.htons(SPORT), socket.htons(5672))
+        table[key] = ctypes.c_uint32(LIMIT)     # the naive limiter sits at its limit too
+
+    def close(self):
+        self.bpf.cleanup()
+
+
+def single_runs(fd, packet, samples, before):
+    times = []
+    for _i in range(samples):
+        before()
+        times.append(_bpfsys.prog_test_run(fd, packet, repeat=1)[1])
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--repeat", type=int, default=200000)
+    args = parser.parse_args()
+
+    ours, base = Limiter(), Baseline()
+    try:
+        rows = []
+        for name, packet, header_at, consumers in cases():
+            def restore(header_at=header_at, consumers=consumers):
+                ours.prepare(header_at, consumers)
+            # The same userspace step before every program's sample keeps caches comparable.
+            noop = single_runs(base.fds["noop"], packet, args.samples, restore)
+            naive = single_runs(base.fds["naive_limiter"], packet, args.samples, restore)
+            mine = single_runs(ours.fd(), packet, args.samples, restore)
+            rows.append((name, noop, naive, mine))
+
+        print("Median ns per packet, one run per sample after restoring state "
+              "(%d samples each)\n" % args.samples)
+        print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor | vs naive |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, noop, naive, mine in rows:
+            print("| %s | %d | %d | %d | %.2fx | %.2fx |"
+                  % (name, noop, naive, mine, mine / noop, mine / naive))
+
+        print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
+        print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")
+        print("|---|---:|---:|---:|---:|")
+        name, packet, _at, _n = cases()[0]
+        loop = {label: _bpfsys.prog_test_run(fd, packet, repeat=args.repeat)[1]
+                for label, fd in (("noop", base.fds["noop"]),
+                                  ("naive", base.fds["naive_limiter"]), ("ours", ours.fd()))}
+        print("| %s | %d | %d | %d | %.2fx |" % (name, loop["noop"], loop["naive"], loop["ours"],
+                                                 loop["ours"] / max(loop["noop"], 1)))
+    finally:
+        ours.close()
+        base.close()
+
+
+if __name__ == "__main__":
+    main()
