@@ -125,7 +125,7 @@ def _bpf(cmd, attr, what, tolerate=()):
                            % (what, machine, ', '.join(sorted(_NR_BPF))))
     nr = _NR_BPF[machine]
     ret = _get_libc().syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr),
-                       ctypes.c_long(ctypes.sizeof(attr)))
+                              ctypes.c_long(ctypes.sizeof(attr)))
     if ret < 0:
         err = ctypes.get_errno()
         if err in tolerate:
