@@ -582,6 +582,8 @@ def _load_state(cfg: Config) -> dict:
             return json.load(handle)
     except FileNotFoundError:
         return {}
+    except PermissionError:
+        raise LabError(f"reading {cfg.state_file}: permission denied (run as root)") from None
     except json.JSONDecodeError as exc:
         raise LabError(f"reading {cfg.state_file}: {exc}; run `lab.py down` to clean up") from None
 
@@ -667,6 +669,10 @@ def _keeper_main(state_dir: str) -> int:
         try:
             conn, _ = server.accept()
         except (TimeoutError, socket.timeout):
+            if not os.path.exists(path):
+                # The state dir is gone (removed without down()): nobody can reach us any more.
+                print("keeper: socket removed, stopping", file=sys.stderr, flush=True)
+                stopping.set()
             continue
         except InterruptedError:
             continue
@@ -1123,7 +1129,8 @@ def down(cfg: Config | None = None, log=_log) -> None:
         for netns in netnses:
             left = _netns_pids(netns)
             if left:
-                log(f"{netns}: processes not started through the lab still inside: {left}: SIGKILL")
+                log(f"{netns}: processes still inside (not stopped by recorded PID): "
+                    f"{left}: SIGKILL")
                 for pid in left:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
