@@ -20,6 +20,7 @@ LAYOUT_VERSION = 1
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ACTION_NAMES = ("drop", "reset", "monitor")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
+FLAG_CREATED_CLSACT = 1
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -54,7 +55,7 @@ class Counters(ctypes.Structure):
 class DeployedConfig(ctypes.Structure):
     _fields_ = [("port", ctypes.c_uint32), ("limit", ctypes.c_uint32),
                 ("action", ctypes.c_uint32), ("ethernet", ctypes.c_uint32),
-                ("frame_max", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("frame_max", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("digest", ctypes.c_uint8 * 32)]
 
 
