@@ -258,53 +258,91 @@ def map_get_fd_by_id(map_id):
     return _bpf(BPF_MAP_GET_FD_BY_ID, attr, 'opening BPF map id %d' % map_id)
 
 
-def _lookup(fd, key, size):
+# The kernel copies key_size and value bytes to and from our buffers without being
+# told their size, so every call checks the sizes against map_info() first: a wrong
+# size is an error here rather than memory corrupted in this process.
+# BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH, _PERCPU_CGROUP_STORAGE
+_PERCPU_MAP_TYPES = (5, 6, 10, 21)
+
+
+def _value_bytes(info):
+    """Bytes per element: value_size, or one 8-byte-aligned slot per possible CPU."""
+    if info['type'] in _PERCPU_MAP_TYPES:
+        return ((info['value_size'] + 7) & ~7) * possible_cpus()
+    return info['value_size']
+
+
+def _checked(fd, what, key_size=None, value_size=None, percpu=None):
+    info = map_info(fd)
+    name = 'BPF map %s (fd %d)' % (info['name'], fd)
+    is_percpu = info['type'] in _PERCPU_MAP_TYPES
+    if percpu is not None and percpu != is_percpu:
+        raise LimiterError('%s %s: a %sper-CPU map, use %s' % (
+            what, name, '' if is_percpu else 'non-',
+            'map_lookup_percpu' if is_percpu else 'map_lookup'))
+    for label, got, want in (('key', key_size, info['key_size']),
+                             ('value', value_size, info['value_size'])):
+        if got is not None and got != want:
+            raise LimiterError('%s %s: %s size %d, the map has %d' % (what, name, label, got, want))
+    return info
+
+
+def _lookup(fd, key, size, what):
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     vbuf = ctypes.create_string_buffer(size)
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf))
-    ret = _bpf(BPF_MAP_LOOKUP_ELEM, attr, 'looking up key %s in BPF map fd %d'
-               % (bytes(key).hex(), fd), tolerate=(errno.ENOENT,))
+    ret = _bpf(BPF_MAP_LOOKUP_ELEM, attr, what, tolerate=(errno.ENOENT,))
     return None if ret < 0 else vbuf.raw
 
 
-def map_lookup(fd, key, value_size):
-    """The value (bytes) stored under key, or None if the key is absent."""
-    return _lookup(fd, key, value_size)
+def map_lookup(fd, key, value_size=None):
+    """The value (bytes) stored under key, or None if the key is absent.
+    value_size, if given, must be the map's (a check on the caller's layout)."""
+    what = 'looking up key %s in' % bytes(key).hex()
+    info = _checked(fd, what, len(key), value_size, percpu=False)
+    return _lookup(fd, key, info['value_size'], '%s BPF map fd %d' % (what, fd))
 
 
-def map_lookup_percpu(fd, key, value_size):
+def map_lookup_percpu(fd, key, value_size=None):
     """Per-CPU map lookup: a list with one value (bytes) per possible CPU, or None.
-
-    The kernel copies each CPU's value into a slot rounded up to 8 bytes.
-    """
-    slot = (value_size + 7) & ~7
-    ncpus = possible_cpus()
-    raw = _lookup(fd, key, slot * ncpus)
+    The kernel hands back one slot per CPU, each rounded up to 8 bytes."""
+    what = 'looking up key %s in' % bytes(key).hex()
+    info = _checked(fd, what, len(key), value_size, percpu=True)
+    raw = _lookup(fd, key, _value_bytes(info), '%s BPF map fd %d' % (what, fd))
     if raw is None:
         return None
-    return [raw[i * slot:i * slot + value_size] for i in range(ncpus)]
+    size = info['value_size']
+    slot = (size + 7) & ~7
+    return [raw[i * slot:i * slot + size] for i in range(len(raw) // slot)]
 
 
 def map_update(fd, key, value, flags=BPF_ANY):
-    """Store value under key (flags: BPF_ANY, BPF_NOEXIST, BPF_EXIST)."""
+    """Store value under key (flags: BPF_ANY, BPF_NOEXIST, BPF_EXIST). For a per-CPU
+    map, value holds every CPU's slot (value_size rounded up to 8) back to back."""
+    what = 'updating key %s in' % bytes(key).hex()
+    info = _checked(fd, what, len(key))
+    if len(value) != _value_bytes(info):
+        raise LimiterError('%s BPF map %s (fd %d): value is %d bytes, the map takes %d'
+                           % (what, info['name'], fd, len(value), _value_bytes(info)))
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     vbuf = ctypes.create_string_buffer(bytes(value), len(value))
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags)
-    _bpf(BPF_MAP_UPDATE_ELEM, attr, 'updating key %s in BPF map fd %d' % (bytes(key).hex(), fd))
+    _bpf(BPF_MAP_UPDATE_ELEM, attr, '%s BPF map fd %d' % (what, fd))
 
 
 def map_delete(fd, key):
     """Delete key; False if it was not there."""
+    what = 'deleting key %s in' % bytes(key).hex()
+    _checked(fd, what, len(key))
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf))
-    ret = _bpf(BPF_MAP_DELETE_ELEM, attr, 'deleting key %s in BPF map fd %d'
-               % (bytes(key).hex(), fd), tolerate=(errno.ENOENT,))
+    ret = _bpf(BPF_MAP_DELETE_ELEM, attr, '%s BPF map fd %d' % (what, fd),
+               tolerate=(errno.ENOENT,))
     return ret == 0
 
 
-def map_get_next_key(fd, key, key_size):
-    """The key after key (None: the first key), or None at the end of the map."""
-    kbuf = None if key is None else ctypes.create_string_buffer(bytes(key), len(key))
+def _next_key(fd, key, key_size):
+    kbuf = None if key is None else ctypes.create_string_buffer(bytes(key), key_size)
     nbuf = ctypes.create_string_buffer(key_size)
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf) if kbuf is not None else 0,
                         value=_addr(nbuf))
@@ -313,12 +351,22 @@ def map_get_next_key(fd, key, key_size):
     return None if ret < 0 else nbuf.raw
 
 
+def map_get_next_key(fd, key, key_size):
+    """The key after key (None: the first key), or None at the end of the map."""
+    _checked(fd, 'iterating keys of', key_size)
+    if key is not None and len(key) != key_size:
+        raise LimiterError('iterating keys of BPF map fd %d: key is %d bytes, not %d'
+                           % (fd, len(key), key_size))
+    return _next_key(fd, key, key_size)
+
+
 def map_keys(fd, key_size):
     """Iterate over the keys of a map (a snapshot is not guaranteed under updates)."""
-    key = map_get_next_key(fd, None, key_size)
+    _checked(fd, 'iterating keys of', key_size)
+    key = _next_key(fd, None, key_size)
     while key is not None:
         yield key
-        key = map_get_next_key(fd, key, key_size)
+        key = _next_key(fd, key, key_size)
 
 
 def possible_cpus(path=POSSIBLE_CPUS_PATH):

@@ -198,3 +198,33 @@ def test_possible_cpus_parses_ranges(tmp_path, text, count):
     path = tmp_path / 'possible'
     path.write_text(text)
     assert _bpfsys.possible_cpus(str(path)) == count
+
+
+def test_sizes_are_checked_before_the_kernel_copies(loaded):
+    b, _fn = loaded
+    table, percpu = b[b'table'].map_fd, b[b'percpu'].map_fd
+    bad = [
+        (lambda: _bpfsys.map_lookup(table, u32(1), 4), 'table', 'value size 4, the map has 8'),
+        (lambda: _bpfsys.map_lookup(table, u64(1), 8), 'table', 'key size 8, the map has 4'),
+        (lambda: _bpfsys.map_update(table, u32(1), u32(1)), 'table', 'value is 4 bytes'),
+        (lambda: _bpfsys.map_delete(table, b'\x01'), 'table', 'key size 1'),
+        (lambda: list(_bpfsys.map_keys(table, 8)), 'table', 'key size 8'),
+        (lambda: _bpfsys.map_lookup(percpu, u32(0), 4), 'percpu', 'use map_lookup_percpu'),
+        (lambda: _bpfsys.map_lookup_percpu(table, u32(0), 8), 'table', 'use map_lookup'),
+    ]
+    for call, name, text in bad:
+        with pytest.raises(LimiterError) as err:
+            call()
+        assert 'BPF map %s' % name in err.value.msg
+        assert text in err.value.msg
+
+
+def test_percpu_update_takes_every_cpus_slot(loaded):
+    b, _fn = loaded
+    fd = b[b'percpu'].map_fd
+    ncpus = _bpfsys.possible_cpus()
+    slots = b''.join(struct.pack('=Q', 7 + i) for i in range(ncpus))   # u32 in 8-byte slots
+    _bpfsys.map_update(fd, u32(1), slots)
+    assert _bpfsys.map_lookup_percpu(fd, u32(1)) == [u32(7 + i) for i in range(ncpus)]
+    with pytest.raises(LimiterError):
+        _bpfsys.map_update(fd, u32(1), u32(7) * ncpus)     # unpadded: refused
