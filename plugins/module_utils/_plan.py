@@ -1,0 +1,82 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Pure planning: what is deployed on each interface, what is wanted, what to do.
+
+No system access here, so every decision is unit-tested without root.
+
+An observation of one interface (see _deploy.observe) is a dict:
+    pins      True when all of the limiter's maps are pinned for it
+    config    the deployed config read from the pinned config map (a dict), or None
+    filter    the ingress filter at our pref/handle: {"name", "prog_id"}, or None
+A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+FILTER_PREFIX = "rabbitguard-"
+# The filter name carries this much of the source digest: a cheap state key that tc
+# hands back as given (it does not decode a program's tag or id for us).
+NAME_DIGEST_LEN = 16
+
+NONE, CREATE, REPLACE, REPAIR, REMOVE = "none", "create", "replace", "repair", "remove"
+# Why a repair is needed, as shown to the user.
+FILTER_GONE = "the filter is gone but its pinned maps are there"
+PINS_GONE = "the filter is there but its pinned maps are gone"
+FOREIGN = "another program sits at the limiter's tc pref/handle"
+CONFIG_GONE = "the pinned config does not match the attached filter"
+
+
+def filter_name(digest):
+    return FILTER_PREFIX + digest[:NAME_DIGEST_LEN]
+
+
+def is_ours(tc_filter):
+    return tc_filter is not None and (tc_filter.get("name") or "").startswith(FILTER_PREFIX)
+
+
+def plan_interface(observed, desired):
+    """(action, reason) for one interface."""
+    ours = is_ours(observed.get("filter"))
+    foreign = observed.get("filter") is not None and not ours
+    if desired is None:
+        if ours or observed.get("pins"):
+            return REMOVE, None
+        return NONE, None
+    if foreign:
+        return REPAIR, FOREIGN
+    if not ours:
+        return (REPAIR, FILTER_GONE) if observed.get("pins") else (CREATE, None)
+    if not observed.get("pins"):
+        return REPAIR, PINS_GONE
+    if observed["filter"]["name"] != filter_name(desired["digest"]):
+        return REPLACE, None
+    if (observed.get("config") or {}).get("digest") != desired["digest"]:
+        return REPAIR, CONFIG_GONE
+    return NONE, None
+
+
+def plan(observed, desired):
+    """{ifname: (action, reason)} over every interface observed or desired.
+
+    observed: {ifname: observation}; desired: {ifname: desired state}. An interface
+    observed but not desired is to be cleaned up (it was dropped from the list).
+    """
+    actions = {}
+    for ifname in sorted(set(observed) | set(desired)):
+        actions[ifname] = plan_interface(observed.get(ifname, {}), desired.get(ifname))
+    return actions
+
+
+def changed(actions):
+    return any(action != NONE for action, _reason in actions.values())
+
+
+def public_config(config):
+    """The part of a config a user sets and sees (no pin paths, no internals)."""
+    if not config:
+        return None
+    return dict((key, config[key]) for key in ("port", "limit", "action", "frame_max", "l2")
+                if key in config)

@@ -1,0 +1,204 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: rabbit_tc_limit
+short_description: Limit AMQP consumers per client connection with a tc eBPF classifier
+version_added: 0.1.0
+description:
+  - Compiles (BCC) and attaches (tc clsact ingress, direct-action) an eBPF classifier that
+    follows the AMQP 0-9-1 stream of every client connection to O(port), counts live
+    consumers per connection, and refuses the C(basic.consume) that would exceed O(limit).
+  - What is deployed is read back from the maps pinned under O(pin_dir), so a run with an
+    unchanged configuration changes nothing and compiles nothing.
+  - A changed configuration replaces the filter atomically and keeps the pinned connection
+    state, so raising the limit from 3 to 5 lets a connection with 3 consumers open exactly
+    2 more.
+  - It repairs what it finds broken, a filter gone with its pins left (an interface was
+    recreated), pins gone with the filter left (bpffs remounted), or a foreign program at its
+    tc pref and handle.
+  - Runs on one host are serialised by a lock.
+author:
+  - rabbitguard.limiter contributors
+requirements:
+  - Root on the managed host.
+  - BCC for Python (C(python3-bpfcc) on Debian/Ubuntu, C(python3-bcc) on the RHEL family).
+  - pyroute2 (C(python3-pyroute2)).
+  - Kernel headers for the running kernel, or O(kernel_headers).
+  - bpffs mounted at C(/sys/fs/bpf).
+  - Jinja2 for the host's Python (C(python3-jinja2)).
+extends_documentation_fragment:
+  - rabbitguard.limiter.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+options:
+  state:
+    description:
+      - V(present) deploys the limiter on O(interfaces); V(absent) removes it.
+      - V(absent) with neither O(interfaces) nor O(netns) removes the limiter from every
+        interface of every namespace that the pins under O(pin_dir) name.
+    type: str
+    choices: [present, absent]
+    default: present
+  interfaces:
+    description:
+      - Interfaces whose ingress traffic to the broker is limited.
+      - Default, the interfaces of the default IPv4 and IPv6 routes of the namespace. C(lo) is
+        used only when listed.
+      - With O(state=present), an interface that the limiter is on but that is not listed any
+        more is detached.
+    type: list
+    elements: str
+  port:
+    description: The broker's AMQP port.
+    type: int
+    default: 5672
+  limit:
+    description:
+      - Live consumers allowed on one client connection, over all its channels.
+      - V(0) refuses every C(basic.consume).
+    type: int
+    default: 10
+  action:
+    description:
+      - What happens to the segment carrying the C(basic.consume) over the limit.
+      - V(drop) drops it; the connection stalls until the broker's heartbeat times it out.
+      - V(reset) turns it into a TCP RST to the broker, which frees the connection at once;
+        the client then gets a RST from the host.
+      - V(monitor) refuses nothing, and counts what it would have refused.
+    type: str
+    choices: [drop, reset, monitor]
+    default: drop
+  frame_max:
+    description:
+      - The largest AMQP frame the broker accepts (RabbitMQ's C(frame_max), 131072 by
+        default). Larger frames are taken for a corrupt stream.
+    type: int
+    default: 131072
+  netns:
+    description:
+      - A named network namespace (as in C(ip netns)) or a path such as C(/proc/PID/ns/net),
+        for brokers in containers. Default, the host's namespace.
+    type: str
+  pin_dir:
+    description: Where the limiter's maps are pinned; must be on bpffs.
+    type: path
+    default: /sys/fs/bpf/rabbitguard
+  kernel_headers:
+    description:
+      - A kernel build tree to compile against, for hosts without a headers package for the
+        running kernel. Default, C(/lib/modules/<release>/build).
+    type: path
+  lock_timeout:
+    description: Seconds to wait for another run of this module on the same host.
+    type: int
+    default: 120
+notes:
+  - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
+    is created only if missing, and removed on O(state=absent) only if this module created it
+    and it holds no other filter.
+  - Filters and pins do not survive a reboot; the C(rabbitguard.limiter.tc_limiter) role
+    installs a boot-time unit that re-attaches the limiter.
+seealso:
+  - module: rabbitguard.limiter.rabbit_tc_limit_info
+"""
+
+EXAMPLES = r"""
+- name: Allow at most 20 consumers per client connection, refused with a TCP reset
+  rabbitguard.limiter.rabbit_tc_limit:
+    limit: 20
+    action: reset
+
+- name: Dry run on a live fleet - count, refuse nothing
+  rabbitguard.limiter.rabbit_tc_limit:
+    limit: 50
+    action: monitor
+    interfaces: [eth0, eth1]
+
+- name: A broker in a container
+  rabbitguard.limiter.rabbit_tc_limit:
+    netns: /proc/{{ broker_pid }}/ns/net
+    interfaces: [eth0]
+    limit: 10
+
+- name: Remove the limiter everywhere on the host
+  rabbitguard.limiter.rabbit_tc_limit:
+    state: absent
+"""
+
+RETURN = r"""
+interfaces:
+  description: Per namespace key and interface, what was found and done.
+  returned: always
+  type: dict
+  sample:
+    host:
+      eth0:
+        action: replace
+        reason: null
+        config: {port: 5672, limit: 5, action: drop, frame_max: 131072, l2: ethernet}
+        program_id: 412
+        compiled: true
+        pin_dir: /sys/fs/bpf/rabbitguard/v1/host/eth0
+  contains:
+    action:
+      description: One of V(none), V(create), V(replace), V(repair), V(remove).
+      type: str
+    reason:
+      description: Why a repair was needed.
+      type: str
+    config:
+      description: The configuration deployed after the run (null when removed).
+      type: dict
+    program_id:
+      description: The kernel's id of the attached program (null when none).
+      type: int
+    compiled:
+      description: Whether the run compiled a program for this interface.
+      type: bool
+    pin_dir:
+      description: Where this interface's maps are pinned.
+      type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
+
+
+def build_module():
+    return AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            interfaces=dict(type="list", elements="str"),
+            port=dict(type="int", default=5672),
+            limit=dict(type="int", default=10),
+            action=dict(type="str", default="drop", choices=["drop", "reset", "monitor"]),
+            frame_max=dict(type="int", default=131072),
+            netns=dict(type="str"),
+            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            kernel_headers=dict(type="path"),
+            lock_timeout=dict(type="int", default=120),
+            # Set by the action plugin: the classifier's template, read on the controller.
+            _template=dict(type="str", no_log=True),
+        ),
+        supports_check_mode=True,
+    )
+
+
+def main():
+    module = build_module()
+    _runner.run_limit(module)
+
+
+if __name__ == "__main__":
+    main()

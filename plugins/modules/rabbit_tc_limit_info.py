@@ -1,0 +1,147 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: rabbit_tc_limit_info
+short_description: Show the AMQP consumer limiter deployed on a host, its connections and counters
+version_added: 0.1.0
+description:
+  - Reads what M(rabbitguard.limiter.rabbit_tc_limit) deployed from the maps pinned under
+    O(pin_dir), and the attached program from tc.
+  - Per interface, the deployed configuration, the program id, the counters, and per tracked
+    client connection the client's address and port, its consumers per channel and in total,
+    and how many of its C(basic.consume) were refused.
+  - Read-only, and safe while traffic flows: it never stops the data plane.
+author:
+  - rabbitguard.limiter contributors
+requirements:
+  - Root on the managed host.
+  - pyroute2 (C(python3-pyroute2)).
+extends_documentation_fragment:
+  - rabbitguard.limiter.attributes
+attributes:
+  check_mode:
+    support: full
+    details: The module changes nothing, in check mode or not.
+  diff_mode:
+    support: none
+options:
+  netns:
+    description:
+      - Only the limiter in this network namespace (a name, or a path such as
+        C(/proc/PID/ns/net)). Default, every namespace the pins name.
+    type: str
+  interfaces:
+    description: Only these interfaces. Default, every interface the pins name.
+    type: list
+    elements: str
+  pin_dir:
+    description: Where the limiter's maps are pinned.
+    type: path
+    default: /sys/fs/bpf/rabbitguard
+  connections:
+    description: Whether to list the tracked connections.
+    type: bool
+    default: true
+  min_consumers:
+    description: List only connections with at least this many consumers.
+    type: int
+    default: 0
+seealso:
+  - module: rabbitguard.limiter.rabbit_tc_limit
+"""
+
+EXAMPLES = r"""
+- name: What the limiter sees
+  rabbitguard.limiter.rabbit_tc_limit_info:
+  register: limiter
+
+- name: Connections close to the limit
+  rabbitguard.limiter.rabbit_tc_limit_info:
+    min_consumers: 8
+"""
+
+RETURN = r"""
+limiters:
+  description: One entry per namespace and interface the limiter is pinned for.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    namespace:
+      description: V(host), C(netns-<name>) or C(ns-<inode>).
+      type: str
+    interface:
+      description: The interface name.
+      type: str
+    pin_dir:
+      description: Where its maps are pinned.
+      type: str
+    config:
+      description: The deployed port, limit, action, frame_max and l2 (null when unknown).
+      type: dict
+    attached:
+      description: Whether the filter on the interface runs the pinned configuration.
+      type: bool
+    program_id:
+      description: The kernel's id of the attached program, or null.
+      type: int
+    counters:
+      description:
+        - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
+          consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
+          conns_forgotten, resyncs, unparsed.
+      type: dict
+    connection_count:
+      description: How many live client connections are tracked.
+      type: int
+    connections:
+      description:
+        - Tracked live connections with at least O(min_consumers) consumers, most consumers
+          first; each with client, client_port, broker, broker_port, consumers, channels (a
+          dict channel -> consumers), refused, synced.
+      type: list
+      elements: dict
+  sample:
+    - namespace: host
+      interface: eth0
+      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, l2: ethernet}
+      attached: true
+      program_id: 87
+      counters: {consumes_allowed: 12, consumes_refused: 3}
+      connection_count: 2
+      connections:
+        - {client: 198.18.0.2, client_port: 40022, broker: 198.18.0.11, broker_port: 5672,
+           consumers: 10, channels: {"1": 10}, refused: 3, synced: true}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
+
+
+def build_module():
+    return AnsibleModule(
+        argument_spec=dict(
+            netns=dict(type="str"),
+            interfaces=dict(type="list", elements="str"),
+            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            connections=dict(type="bool", default=True),
+            min_consumers=dict(type="int", default=0),
+        ),
+        supports_check_mode=True,
+    )
+
+
+def main():
+    _runner.run_info(build_module())
+
+
+if __name__ == "__main__":
+    main()
