@@ -1,0 +1,67 @@
+"""Planning: what is deployed vs what is wanted -> what to do (no root, no kernel)."""
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _plan
+
+DIGEST = "ab" * 32
+OTHER = "cd" * 32
+WANT = {"config": {"port": 5672, "limit": 3, "action": "drop", "frame_max": 131072,
+                   "l2": "ethernet", "pin_dir": "/sys/fs/bpf/x"}, "digest": DIGEST}
+
+
+def seen(filter_name=None, pins=True, digest=DIGEST, prog_id=7):
+    return {
+        "exists": True,
+        "pins": pins,
+        "config": {"digest": digest} if pins and digest else None,
+        "filter": {"name": filter_name, "prog_id": prog_id} if filter_name else None,
+    }
+
+
+OURS = _plan.filter_name(DIGEST)
+
+
+@pytest.mark.parametrize("observed, desired, expected", [
+    pytest.param({}, WANT, (_plan.CREATE, None), id="nothing-there"),
+    pytest.param(seen(OURS), WANT, (_plan.NONE, None), id="unchanged"),
+    pytest.param(seen(_plan.filter_name(OTHER), digest=OTHER), WANT, (_plan.REPLACE, None),
+                 id="config-changed"),
+    pytest.param(seen(None), WANT, (_plan.REPAIR, _plan.FILTER_GONE), id="filter-gone"),
+    pytest.param(seen(OURS, pins=False), WANT, (_plan.REPAIR, _plan.PINS_GONE),
+                 id="pins-gone"),
+    pytest.param(seen("cilium-policy"), WANT, (_plan.REPAIR, _plan.FOREIGN), id="foreign"),
+    pytest.param(seen(OURS, digest=OTHER), WANT, (_plan.REPAIR, _plan.CONFIG_GONE),
+                 id="config-map-disagrees"),
+    pytest.param(seen(OURS), None, (_plan.REMOVE, None), id="absent"),
+    pytest.param(seen(None), None, (_plan.REMOVE, None), id="absent-pins-only"),
+    pytest.param(seen(OURS, pins=False), None, (_plan.REMOVE, None), id="absent-filter-only"),
+    pytest.param({}, None, (_plan.NONE, None), id="absent-nothing-there"),
+    pytest.param(seen("cilium-policy", pins=False), None, (_plan.NONE, None),
+                 id="absent-leaves-foreign-filters-alone"),
+])
+def test_plan_interface(observed, desired, expected):
+    assert _plan.plan_interface(observed, desired) == expected
+
+
+def test_interfaces_dropped_from_the_list_are_removed():
+    actions = _plan.plan({"eth0": seen(OURS), "eth1": seen(OURS)}, {"eth0": WANT})
+    assert actions == {"eth0": (_plan.NONE, None), "eth1": (_plan.REMOVE, None)}
+    assert _plan.changed(actions)
+
+
+def test_nothing_to_do_is_not_a_change():
+    assert not _plan.changed(_plan.plan({"eth0": seen(OURS)}, {"eth0": WANT}))
+
+
+def test_filter_name_carries_the_digest():
+    name = _plan.filter_name(DIGEST)
+    assert name.startswith(_plan.FILTER_PREFIX) and DIGEST[:16] in name
+    assert _plan.is_ours({"name": name}) and not _plan.is_ours({"name": "other"})
+    assert not _plan.is_ours(None)
+
+
+def test_public_config_hides_internals():
+    assert _plan.public_config(WANT["config"]) == {
+        "port": 5672, "limit": 3, "action": "drop", "frame_max": 131072, "l2": "ethernet"}
+    assert _plan.public_config(None) is None
