@@ -82,14 +82,28 @@ class _InfoAttr(ctypes.Structure):
 
 
 class _ProgInfo(ctypes.Structure):
-    # struct bpf_prog_info up to 'name'; the kernel fills min(its size, ours)
+    # struct bpf_prog_info up to 'verified_insns' (5.16); the kernel fills min(its size,
+    # ours), so older kernels leave the later fields zero.
     _fields_ = [('type', ctypes.c_uint32), ('id', ctypes.c_uint32),
                 ('tag', ctypes.c_uint8 * 8),
                 ('jited_prog_len', ctypes.c_uint32), ('xlated_prog_len', ctypes.c_uint32),
                 ('jited_prog_insns', ctypes.c_uint64), ('xlated_prog_insns', ctypes.c_uint64),
                 ('load_time', ctypes.c_uint64), ('created_by_uid', ctypes.c_uint32),
                 ('nr_map_ids', ctypes.c_uint32), ('map_ids', ctypes.c_uint64),
-                ('name', ctypes.c_char * 16)]
+                ('name', ctypes.c_char * 16),
+                ('ifindex', ctypes.c_uint32), ('gpl_compatible', ctypes.c_uint32),
+                ('netns_dev', ctypes.c_uint64), ('netns_ino', ctypes.c_uint64),
+                ('nr_jited_ksyms', ctypes.c_uint32), ('nr_jited_func_lens', ctypes.c_uint32),
+                ('jited_ksyms', ctypes.c_uint64), ('jited_func_lens', ctypes.c_uint64),
+                ('btf_id', ctypes.c_uint32), ('func_info_rec_size', ctypes.c_uint32),
+                ('func_info', ctypes.c_uint64), ('nr_func_info', ctypes.c_uint32),
+                ('nr_line_info', ctypes.c_uint32), ('line_info', ctypes.c_uint64),
+                ('jited_line_info', ctypes.c_uint64), ('nr_jited_line_info', ctypes.c_uint32),
+                ('line_info_rec_size', ctypes.c_uint32),
+                ('jited_line_info_rec_size', ctypes.c_uint32),
+                ('nr_prog_tags', ctypes.c_uint32), ('prog_tags', ctypes.c_uint64),
+                ('run_time_ns', ctypes.c_uint64), ('run_cnt', ctypes.c_uint64),
+                ('recursion_misses', ctypes.c_uint64), ('verified_insns', ctypes.c_uint32)]
 
 
 class _MapInfo(ctypes.Structure):
@@ -194,7 +208,9 @@ def _get_info(fd, info, what):
 
 
 def prog_info(fd):
-    """dict(id, tag (16 hex digits, as bpftool and tc show it), name, type, map_ids)."""
+    """dict(id, tag (16 hex digits, as bpftool and tc show it), name, type, map_ids,
+    run_time_ns and run_cnt (counted while sysctl kernel.bpf_stats_enabled is 1),
+    verified_insns)."""
     what = 'reading info of BPF program fd %d' % fd
     info = _get_info(fd, _ProgInfo(), what)
     map_ids = []
@@ -209,6 +225,9 @@ def prog_info(fd):
         'name': _cstr(info.name),
         'type': info.type,
         'map_ids': map_ids,
+        'run_time_ns': info.run_time_ns,
+        'run_cnt': info.run_cnt,
+        'verified_insns': info.verified_insns,
     }
 
 
