@@ -479,7 +479,16 @@ def _alive(rec: dict | None) -> bool:
     if not rec:
         return False
     stat = _proc_stat(rec["pid"])
-    return stat is not None and stat[2] == rec["start"] and stat[0] not in ("Z", "X")
+    if stat is None or stat[2] != rec["start"]:
+        return False
+    if stat[0] not in ("Z", "X"):
+        return True
+    # A zombie thread-group leader whose other threads are still exiting still holds its files
+    # (a broker's listening socket): it is gone only when no other thread is left.
+    try:
+        return os.listdir(f"/proc/{rec['pid']}/task") != [str(rec["pid"])]
+    except FileNotFoundError:
+        return False
 
 
 def _netns_inode(netns: str) -> int | None:
