@@ -25,7 +25,7 @@ description:
     tc pref and handle.
   - Runs on one host are serialised by a lock.
 author:
-  - rabbitguard.limiter contributors
+  - rabbitguard.limiter contributors (@rabbitguard)
 requirements:
   - Root on the managed host.
   - BCC for Python (C(python3-bpfcc) on Debian/Ubuntu, C(python3-bcc) on the RHEL family).
@@ -102,6 +102,11 @@ options:
     description: Seconds to wait for another run of this module on the same host.
     type: int
     default: 120
+  _template:
+    description:
+      - Internal, set by this module's action plugin - the classifier's C template, read
+        from the collection on the controller. Never set it in a task.
+    type: str
 notes:
   - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
     is created only if missing, and removed on O(state=absent) only if this module created it

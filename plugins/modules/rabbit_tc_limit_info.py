@@ -17,9 +17,9 @@ description:
   - Per interface, the deployed configuration, the program id, the counters, and per tracked
     client connection the client's address and port, its consumers per channel and in total,
     and how many of its C(basic.consume) were refused.
-  - Read-only, and safe while traffic flows: it never stops the data plane.
+  - Read-only, and safe while traffic flows; it never stops the data plane.
 author:
-  - rabbitguard.limiter contributors
+  - rabbitguard.limiter contributors (@rabbitguard)
 requirements:
   - Root on the managed host.
   - pyroute2 (C(python3-pyroute2)).

@@ -61,11 +61,12 @@ def test_maps_are_pinned_and_reused_by_a_reload(dataplanes):
     from ansible_collections.rabbitguard.limiter.plugins.module_utils import _compile
 
     bpf, function = _compile.compile_and_load(source, dp.pin_dir)
+    first_function = dp.function
     try:
-        dp_function, dp.function = dp.function, function
+        dp.function = function
         assert flow.send(amqp.consume(1) * 3) == TC_ACT_OK        # 5 allowed now
         assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
         assert flow.consumers() == 5
     finally:
-        dp.function = dp_function
+        dp.function = first_function
         bpf.cleanup()

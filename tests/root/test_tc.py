@@ -64,7 +64,7 @@ def sh(*argv):
 
 def sh_quiet(*argv):
     """For cleanup: never raises, so one failure does not skip the rest."""
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def tc_json(ns_path, *argv):
