@@ -1,0 +1,112 @@
+"""rabbit_tc_limit run by Ansible on this machine (-c local) when a prerequisite is missing:
+one clear line naming the fix, and nothing changed. Also the respawn into the system Python.
+
+Each case runs against a throwaway namespace (rgpre, 198.18.253.0/24) with its own pin
+root, so it never meets a lab or another test.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+
+import pytest
+
+pytestmark = pytest.mark.bpf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV_BIN = os.path.dirname(sys.executable)
+NETNS = "rgpre"
+PIN_DIR = "/sys/fs/bpf/rgpre"
+
+
+def ansible(args, interpreter=None, prefix=(), env_extra=None):
+    """Run the module ad hoc; returns (rc, the host's result as a dict)."""
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+               ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+               ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.builtin.minimal",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    env.update(env_extra or {})
+    argv = list(prefix) + [os.path.join(VENV_BIN, "ansible"), "localhost", "-c", "local",
+                           "-m", "rabbitguard.limiter.rabbit_tc_limit", "-a", args]
+    if interpreter:
+        argv += ["-e", "ansible_python_interpreter=%s" % interpreter]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, check=False,
+                          timeout=300)
+    text = proc.stdout.decode()
+    start = text.find("=> {")
+    assert start >= 0, text + proc.stderr.decode()
+    return proc.returncode, json.loads(text[start + 3:text.rfind("}") + 1])
+
+
+def limiter_args(extra=""):
+    return "netns=%s interfaces=eth0 pin_dir=%s %s" % (NETNS, PIN_DIR, extra)
+
+
+def filters():
+    out = subprocess.run(["ip", "netns", "exec", NETNS, "tc", "filter", "show", "dev", "eth0",
+                          "ingress"], stdout=subprocess.PIPE, check=True)
+    return out.stdout.decode()
+
+
+@pytest.fixture(scope="module")
+def host():
+    subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    subprocess.run(["ip", "link", "add", "rgpre0", "type", "veth", "peer", "name", "eth0",
+                    "netns", NETNS], check=True)
+    subprocess.run(["ip", "-n", NETNS, "link", "set", "eth0", "up"], check=True)
+    yield
+    subprocess.run(["ip", "netns", "del", NETNS], check=False)
+    shutil.rmtree(PIN_DIR, ignore_errors=True)
+
+
+def test_respawns_into_the_system_python(host, tmp_path):
+    # A Python that cannot import BCC, as an interpreter Ansible may pick on a host.
+    venv.create(str(tmp_path / "bare"), system_site_packages=False, with_pip=False)
+    rc, result = ansible(limiter_args("limit=2"), interpreter=str(tmp_path / "bare/bin/python3"))
+    assert rc == 0, result
+    assert result["interfaces"]["netns-%s" % NETNS]["eth0"]["action"] == "create"
+    assert "rabbitguard-" in filters()
+    rc, result = ansible("state=absent " + limiter_args())
+    assert rc == 0 and result["changed"]
+    assert "rabbitguard" not in filters()
+
+
+def test_missing_kernel_headers(host):
+    rc, result = ansible(limiter_args("kernel_headers=/nonexistent/build"))
+    assert rc != 0
+    assert result["msg"].startswith("no kernel headers at /nonexistent/build: install "
+                                     "linux-headers-")
+    assert "kernel-devel" in result["msg"] and "\n" not in result["msg"]
+    assert filters() == ""
+    assert not os.path.exists(PIN_DIR)
+
+
+def test_missing_bpffs(host):
+    # A mount namespace of our own where /sys/fs/bpf is not bpffs.
+    rc, result = ansible(limiter_args(), prefix=[
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        'umount -l /sys/fs/bpf 2>/dev/null; exec "$@"', "sh"])
+    assert rc != 0
+    assert result["msg"].startswith("bpffs is not mounted at /sys/fs/bpf: mount it with")
+    assert filters() == ""
+
+
+def test_not_root(host):
+    home = tempfile.mkdtemp(prefix="rgpre-nobody-")     # pytest's own tmp is root-only
+    os.chown(home, 65534, 65534)
+    try:
+        rc, result = ansible(
+            limiter_args(), prefix=["setpriv", "--reuid=65534", "--regid=65534",
+                                    "--clear-groups"],
+            env_extra={"HOME": home, "ANSIBLE_LOCAL_TEMP": os.path.join(home, "t"),
+                       "ANSIBLE_REMOTE_TEMP": os.path.join(home, "r")})
+    finally:
+        shutil.rmtree(home)
+    assert rc != 0
+    assert "must run as root" in result["msg"] and "become: true" in result["msg"]
+    assert filters() == ""
