@@ -1,0 +1,182 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What frees a consumer slot, what each connection is charged, and what
+rabbit_tc_limit_info shows, on rabbit1 with real clients.
+
+action=reset throughout, so that a refused consume fails the client at once: a test that
+expects "exactly N more" sees the (N+1)th fail within a second.
+"""
+
+import threading
+import time
+
+import pytest
+
+from tests.integration.common import (
+    broker_connections,
+    connection_of,
+    deploy,
+    ensure,
+    eth0,
+    info,
+    limiter_entry,
+    wait_for,
+)
+from tests.lib.clients import ClientError, open_consumers
+
+pytestmark = pytest.mark.integration
+
+HOST = "rabbit1"
+LIMIT = 3
+
+
+@pytest.fixture
+def limited(ansible, lab_hosts, queues):
+    ensure(ansible, HOST, limit=LIMIT, action="reset")
+    return lab_hosts[HOST]
+
+
+def refused_fast(outcome):
+    return (outcome.error is not None and outcome.error.kind == "connection"
+            and outcome.error.elapsed < 1.5)
+
+
+def test_cancel_frees_a_slot(limited, queues, client_pool):
+    client = client_pool("pika", limited["ipv4"], "cancel")
+    first = open_consumers(client, queues, LIMIT)
+    assert first.count == LIMIT and first.error is None, first
+    channel, tag = first.opened[0]
+
+    client.cancel(channel, tag)
+    more = open_consumers(client, queues, 3, channels=[channel])
+
+    # One cancel, one more consumer: not zero, not two.
+    assert more.count == 1, more
+    assert refused_fast(more), more
+
+
+def test_closing_a_channel_frees_its_consumers(limited, queues, client_pool):
+    client = client_pool("aio-pika", limited["ipv4"], "channel-close")
+    ch_a, ch_b = client.channel(), client.channel()
+    opened = open_consumers(client, queues, LIMIT, channels=[ch_a, ch_a, ch_b])
+    assert opened.count == LIMIT and opened.error is None, opened
+
+    client.close_channel(ch_a)      # held 2 of the 3
+    more = open_consumers(client, queues, 4, channels=[ch_b])
+
+    assert more.count == 2, more
+    assert refused_fast(more), more
+
+
+def test_closing_the_connection_forgets_it(ansible, limited, queues, client_pool):
+    client = client_pool("pika", limited["ipv4"], "conn-close")
+    ch_a, ch_b = client.channel(), client.channel()
+    assert open_consumers(client, queues, LIMIT, channels=[ch_a, ch_b]).count == LIMIT
+    conn = connection_of(limiter_entry(info(ansible, HOST)), client)
+    assert conn is not None
+    assert (conn["consumers"], conn["channels"]) == (LIMIT, {str(ch_a): 2, str(ch_b): 1})
+
+    client.close()
+    entry = limiter_entry(info(ansible, HOST))
+
+    assert connection_of(entry, client) is None, entry["connections"]
+    # A new connection from the same application starts from zero.
+    again = client_pool("pika", limited["ipv4"], "conn-close-again")
+    outcome = open_consumers(again, queues, LIMIT + 1)
+    assert outcome.count == LIMIT and refused_fast(outcome), outcome
+
+
+def test_a_live_limit_change_keeps_the_counts(ansible, limited, queues, client_pool):
+    # aio-pika keeps the connection's heartbeats going while Ansible runs.
+    client = client_pool("aio-pika", limited["ipv4"], "live-change")
+    channel = client.channel()
+    assert open_consumers(client, queues, LIMIT, channels=[channel]).count == LIMIT
+
+    result = deploy(ansible, HOST, diff=True, limit=LIMIT + 2, action="reset")
+
+    assert result["changed"] is True
+    assert eth0(result)["action"] == "replace"
+    assert eth0(result)["config"]["limit"] == LIMIT + 2
+    assert result["diff"]["before"]["host/eth0"]["limit"] == LIMIT
+    assert result["diff"]["after"]["host/eth0"]["limit"] == LIMIT + 2
+    assert client.alive, client
+    # The same connection, its 3 consumers still counted: exactly 2 more.
+    more = open_consumers(client, queues, 4, channels=[channel])
+    assert more.count == 2, more
+    assert refused_fast(more), more
+
+
+def test_ipv4_and_ipv6_connections_are_counted_separately(ansible, limited, queues,
+                                                         client_pool):
+    v4 = client_pool("pika", limited["ipv4"], "sep-v4")
+    v6 = client_pool("amqp", limited["ipv6"], "sep-v6")
+    for client in (v4, v6):
+        outcome = open_consumers(client, queues, LIMIT)
+        assert outcome.count == LIMIT and outcome.error is None, (client, outcome)
+
+    entry = limiter_entry(info(ansible, HOST))
+    seen = dict((c["client"], c["consumers"]) for c in
+                (connection_of(entry, v4), connection_of(entry, v6)))
+    assert seen == {"198.18.240.1": LIMIT, "fd00:5267:0:f0::1": LIMIT}, entry["connections"]
+
+    # Each is at its own limit: the IPv6 connection is refused, the IPv4 one still works,
+    # until it asks for one more as well.
+    over6 = open_consumers(v6, queues, 1)
+    assert over6.count == 0 and over6.error.kind in ("connection", "timeout"), over6
+    assert v4.alive
+    over4 = open_consumers(v4, queues, 1)
+    assert over4.count == 0 and refused_fast(over4), over4
+
+
+def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
+    consumer = client_pool("aio-pika", limited["ipv4"], "info-consumer")
+    publisher = client_pool("pika", limited["ipv4"], "info-publisher")
+    ch1, ch2 = consumer.channel(), consumer.channel()
+    assert open_consumers(consumer, queues, LIMIT, channels=[ch1, ch1, ch2]).count == LIMIT
+    pub_channel = publisher.channel()
+    stop = threading.Event()
+    errors = []
+
+    def publish():
+        body = b"x" * 20000         # frames spanning segments on the publisher's stream
+        while not stop.is_set():
+            try:
+                publisher.publish(pub_channel, queues, body)
+            except ClientError as exc:
+                errors.append(exc)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: consumer.delivered > 10, 5), "no messages flow"
+        entry = limiter_entry(info(ansible, HOST))
+        delivered = consumer.delivered
+        assert wait_for(lambda: consumer.delivered > delivered + 10, 5), "traffic stopped"
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not errors, errors
+
+    assert entry["attached"] is True and isinstance(entry["program_id"], int)
+    assert entry["config"] == {"port": 5672, "limit": LIMIT, "action": "reset",
+                               "frame_max": 131072, "l2": "ethernet"}
+    conn = connection_of(entry, consumer)
+    assert conn == {"client": "198.18.240.1", "client_port": consumer.local_port,
+                    "broker": limited["ipv4"], "broker_port": 5672, "consumers": LIMIT,
+                    "channels": {str(ch1): 2, str(ch2): 1}, "refused": 0, "synced": True}
+    pub = connection_of(entry, publisher)
+    assert pub is not None and pub["consumers"] == 0 and pub["refused"] == 0, pub
+    assert entry["connection_count"] >= 2
+    counters = entry["counters"]
+    assert counters["segments"] >= counters["amqp_segments"] > 0
+    assert counters["consumes_allowed"] >= LIMIT
+    # The broker agrees on the consumers.
+    broker = broker_connections(HOST)[consumer.local_port]
+    assert broker["channels"] == {ch1: 2, ch2: 1}
+    # min_consumers: only the connections with that many.
+    only = limiter_entry(info(ansible, HOST, min_consumers=LIMIT))
+    assert consumer.local_port in [c["client_port"] for c in only["connections"]]
+    assert all(c["consumers"] >= LIMIT for c in only["connections"])
