@@ -2,7 +2,7 @@
 """Nanoseconds per packet of the limiter, side by side with a no-op tc program (the floor)
 and the naive first-frame limiter (bench/naive_limiter.c), in one run.
 
-    sudo .venv/bin/python bench/dataplane.py [--samples N]
+    sudo .venv/bin/python bench/dataplane.py [--samples N] [--before TEMPLATE]
 
 Every program runs on the same crafted packets through BPF_PROG_TEST_RUN. The limiter
 keeps state per connection, so a packet run twice is a retransmission the second time;
@@ -10,13 +10,19 @@ to measure the first-time path, each sample restores the connection's state from
 userspace and runs the packet once (repeat=1). Every program is measured the same way
 (median of N single runs; the kernel's clock read around one run is included for all
 three), and a second table gives the classic repeat-loop mean for the stateless cases.
+The programs take turns sample by sample, in a rotating order, so that whatever else
+the machine does weighs on all of them alike. With --before, the limiter rendered from
+another template (an older revision: `git show REV:files/bpf/rabbit_limiter.c.j2 > F`)
+is measured in the same run, in a column of its own.
 """
 
 import argparse
 import ctypes
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = os.path.join(ROOT, ".collections", "ansible_collections", "rabbitguard", "limiter")
@@ -29,7 +35,9 @@ from bcc import BPF  # noqa: E402
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (  # noqa: E402
     _bpfsys,
+    _compile,
     _layout,
+    _render,
 )
 from tests.lib import amqp, packets  # noqa: E402
 from tests.lib.dataplane import Dataplane  # noqa: E402
@@ -61,13 +69,32 @@ def cases():
     ]
 
 
+class TemplateDataplane(Dataplane):
+    """Dataplane, rendered from another template file."""
+
+    def __init__(self, template, limit, action):
+        self.pin_dir = tempfile.mkdtemp(prefix="rgbench-", dir=_render.BPFFS_ROOT)
+        try:
+            self.config = _render.validate(5672, limit, action, "ethernet", self.pin_dir)
+            self.source = _render.render(self.config, _render.read_template(template))
+            self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
+            self.map_fds = {name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
+                            for name in _layout.MAP_NAMES}
+        except Exception:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            raise
+
+
 class Limiter:
     """Ours: restores the connection's state before every sample."""
 
     name = "rabbitguard"
 
-    def __init__(self):
-        self.dp = Dataplane(limit=LIMIT, action="drop")
+    def __init__(self, template=None):
+        if template:
+            self.dp = TemplateDataplane(template, limit=LIMIT, action="drop")
+        else:
+            self.dp = Dataplane(limit=LIMIT, action="drop")
         self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
 
     def prepare(self, header_at, consumers):
@@ -103,39 +130,54 @@ class Baseline:
         self.bpf.cleanup()
 
 
-def single_runs(fd, packet, samples, before):
-    times = []
+def single_runs(fds, packet, samples, before):
+    """Median ns of one run of each program, taking turns in a rotating order."""
+    times = [[] for _fd in fds]
+    order = list(range(len(fds)))
     for _i in range(samples):
-        before()
-        times.append(_bpfsys.prog_test_run(fd, packet, repeat=1)[1])
-    return statistics.median(times)
+        order.append(order.pop(0))
+        for k in order:
+            before()
+            times[k].append(_bpfsys.prog_test_run(fds[k], packet, repeat=1)[1])
+    return [statistics.median(t) for t in times]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=200000)
+    parser.add_argument("--before", metavar="TEMPLATE",
+                        help="also measure the limiter rendered from this template")
     args = parser.parse_args()
 
     ours, base = Limiter(), Baseline()
+    older = Limiter(args.before) if args.before else None
+    limiters = [ours] + ([older] if older else [])
     try:
         rows = []
         for name, packet, header_at, consumers in cases():
             def restore(header_at=header_at, consumers=consumers):
-                ours.prepare(header_at, consumers)
+                for limiter in limiters:
+                    limiter.prepare(header_at, consumers)
             # The same userspace step before every program's sample keeps caches comparable.
-            noop = single_runs(base.fds["noop"], packet, args.samples, restore)
-            naive = single_runs(base.fds["naive_limiter"], packet, args.samples, restore)
-            mine = single_runs(ours.fd(), packet, args.samples, restore)
-            rows.append((name, noop, naive, mine))
+            fds = [base.fds["noop"], base.fds["naive_limiter"]] + [x.fd() for x in limiters]
+            rows.append([name] + single_runs(fds, packet, args.samples, restore))
 
         print("Median ns per packet, one run per sample after restoring state "
               "(%d samples each)\n" % args.samples)
-        print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor | vs naive |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, noop, naive, mine in rows:
-            print("| %s | %d | %d | %d | %.2fx | %.2fx |"
-                  % (name, noop, naive, mine, mine / noop, mine / naive))
+        if older:
+            print("| case | no-op (floor) | naive limiter | before | rabbitguard | vs floor "
+                  "| vs naive | vs before |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for name, noop, naive, mine, was in rows:
+                print("| %s | %d | %d | %d | %d | %.2fx | %.2fx | %.2fx |"
+                      % (name, noop, naive, was, mine, mine / noop, mine / naive, mine / was))
+        else:
+            print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor | vs naive |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for name, noop, naive, mine in rows:
+                print("| %s | %d | %d | %d | %.2fx | %.2fx |"
+                      % (name, noop, naive, mine, mine / noop, mine / naive))
 
         print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
         print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")
@@ -147,7 +189,8 @@ def main():
         print("| %s | %d | %d | %d | %.2fx |" % (name, loop["noop"], loop["naive"], loop["ours"],
                                                  loop["ours"] / max(loop["noop"], 1)))
     finally:
-        ours.close()
+        for limiter in limiters:
+            limiter.close()
         base.close()
 
 
