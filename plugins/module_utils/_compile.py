@@ -37,3 +37,59 @@ def compile_and_load(source, pin_dir):
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
         raise LimiterError("compiling and loading the limiter (pins in %s): %s" % (pin_dir, e))
     return bpf, function
+
+
+def compile_isolated(source, pin_dir):
+    """Compile and load in a child process; return the program fd (caller closes it).
+
+    BCC writes compiler diagnostics to stdout (which would corrupt a module's JSON
+    result) and can crash outright on a broken kernel tree (SIGSEGV in clang). The child
+    compiles with both streams sent to a log, pins the loaded program at a temporary path,
+    and exits; the parent takes the program from the pin and unpins it. A crash or error
+    in the child becomes a LimiterError carrying the compiler's first error line.
+    """
+    import tempfile
+
+    from . import _bpfsys
+
+    # bpffs refuses names with a dot in them.
+    prog_pin = os.path.join(pin_dir, "loading-%d" % os.getpid())
+    with tempfile.TemporaryFile() as log:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            status = 1
+            try:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                bpf, function = compile_and_load(source, pin_dir)
+                _bpfsys.obj_pin(function.fd, prog_pin)
+                bpf.cleanup()
+                status = 0
+            except LimiterError as e:
+                os.write(2, ("\nrabbitguard: %s\n" % e.msg).encode("utf-8", "replace"))
+            finally:
+                os._exit(status)
+        _pid, wait_status = os.waitpid(pid, 0)
+        log.seek(0)
+        output = log.read().decode("utf-8", "replace")
+    if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+        try:
+            return _bpfsys.obj_get(prog_pin)
+        finally:
+            os.unlink(prog_pin)
+    if os.WIFSIGNALED(wait_status):
+        how = "the compiler crashed (signal %d)" % os.WTERMSIG(wait_status)
+    else:
+        how = "it failed"
+    raise LimiterError("compiling and loading the limiter (pins in %s): %s: %s"
+                       % (pin_dir, how, _first_error(output)), {"compiler_output": output[-4000:]})
+
+
+def _first_error(output):
+    """The line of compiler or verifier output that says what went wrong."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in ("rabbitguard: ", "error:", "Unable to find kernel headers", "bpf: "):
+        for line in lines:
+            if marker in line:
+                return line.split("rabbitguard: ", 1)[-1]
+    return lines[-1] if lines else "no output"

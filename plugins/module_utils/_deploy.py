@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import re
+import string
 import time
 from contextlib import contextmanager
 
@@ -35,9 +36,29 @@ LOCK_PATH = "/run/lock/rabbitguard-limiter.lock"
 HOST_KEY = "host"
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 _NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:+-]+$")
+_PLAIN = frozenset(string.ascii_letters + string.digits + "_-")
 
 
 # -- names and paths --------------------------------------------------------------------
+
+def path_component(name):
+    """A name as a bpffs directory name: bpffs refuses dots (eth0.100, a VLAN), so every
+    byte but letters, digits, '_' and '-' is %-escaped, reversibly."""
+    return "".join(chr(b) if chr(b) in _PLAIN else "%%%02x" % b
+                   for b in bytearray(name.encode("utf-8")))
+
+
+def from_path_component(component):
+    out, i = bytearray(), 0
+    while i < len(component):
+        if component[i] == "%":
+            out.append(int(component[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(component[i]))
+            i += 1
+    return out.decode("utf-8")
+
 
 def namespace_key(netns):
     """The directory name that identifies a network namespace under the pin root."""
@@ -47,7 +68,7 @@ def namespace_key(netns):
         if not _NETNS_NAME_RE.match(netns):
             raise LimiterError("netns %r: a name may hold letters, digits and ._@:+- only"
                                % netns)
-        return "netns-" + netns
+        return "netns-" + path_component(netns)
     try:
         return "ns-%d" % os.stat(netns).st_ino
     except OSError as e:
@@ -59,7 +80,7 @@ def resolve_namespace(key):
     if key == HOST_KEY:
         return True, None
     if key.startswith("netns-"):
-        name = key[len("netns-"):]
+        name = from_path_component(key[len("netns-"):])
         return os.path.exists(os.path.join("/run/netns", name)), name
     if key.startswith("ns-"):
         inode = int(key[len("ns-"):])
@@ -79,7 +100,7 @@ def layout_root(pin_root):
 
 
 def pin_dir(pin_root, ns_key, ifname):
-    return os.path.join(layout_root(pin_root), ns_key, ifname)
+    return os.path.join(layout_root(pin_root), ns_key, path_component(ifname))
 
 
 def pinned_namespaces(pin_root):
@@ -87,7 +108,8 @@ def pinned_namespaces(pin_root):
 
 
 def pinned_interfaces(pin_root, ns_key):
-    return sorted(_listdir(os.path.join(layout_root(pin_root), ns_key)))
+    return sorted(from_path_component(name)
+                  for name in _listdir(os.path.join(layout_root(pin_root), ns_key)))
 
 
 def _listdir(path):
@@ -112,7 +134,9 @@ def check_kernel_headers(kernel_headers):
     """BCC compiles against a kernel tree; say how to get one when there is none."""
     release = os.uname()[2]
     tree = kernel_headers or "/lib/modules/%s/build" % release
-    if os.path.isdir(os.path.join(tree, "include")):
+    # Debian splits a tree in two (build -> ...-amd64, source -> ...-common); BCC reads both.
+    candidates = [tree] if kernel_headers else [tree, "/lib/modules/%s/source" % release]
+    if any(os.path.isfile(os.path.join(t, "include", "linux", "kconfig.h")) for t in candidates):
         return tree
     raise LimiterError(
         "no kernel headers at %s: install linux-headers-%s (Debian/Ubuntu) or "
@@ -246,24 +270,24 @@ def deploy(tc, ifname, source, desired, observed):
     new_pins = [name for name in _layout.MAP_NAMES
                 if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
-    bpf = None
+    prog_fd = None
     try:
-        bpf, function = _compile.compile_and_load(source, pin)
+        prog_fd = _compile.compile_isolated(source, pin)
         created_clsact = tc.ensure_clsact(ifname)
-        tc.attach(ifname, function.fd, _plan.filter_name(digest), FILTER_PREF, FILTER_HANDLE)
+        tc.attach(ifname, prog_fd, _plan.filter_name(digest), FILTER_PREF, FILTER_HANDLE)
     except Exception:
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
         _unpin(pin, new_pins)
-        if bpf is not None:
-            bpf.cleanup()
+        if prog_fd is not None:
+            _bpfsys.close(prog_fd)
         raise
     try:
         previously = (observed.get("config") or {}).get("created_clsact", False)
         write_config(pin, config, digest, created_clsact or previously)
-        return _bpfsys.prog_info(function.fd)["id"]
+        return _bpfsys.prog_info(prog_fd)["id"]
     finally:
-        bpf.cleanup()
+        _bpfsys.close(prog_fd)
 
 
 def remove(tc, ifname, observed):

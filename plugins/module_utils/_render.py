@@ -21,7 +21,8 @@ DEFAULT_FRAME_MAX = 131072
 # Frames walked per segment: a bounded loop the verifier unrolls, so it is not a user knob.
 MAX_FRAMES = 256
 BPFFS_ROOT = "/sys/fs/bpf"
-_PIN_DIR_RE = re.compile(r"^/sys/fs/bpf(/[A-Za-z0-9_.@:+-]+)+$")
+# No dots: bpffs refuses names that hold one. '%' escapes (see _deploy.path_component).
+_PIN_DIR_RE = re.compile(r"^/sys/fs/bpf(/[A-Za-z0-9_%@:+-]+)+$")
 
 TEMPLATE_NAME = "rabbit_limiter.c.j2"
 
@@ -46,11 +47,10 @@ def validate(port, limit, action, l2, pin_dir, frame_max=DEFAULT_FRAME_MAX):
         raise ConfigError("action must be one of %s, got %r" % (", ".join(ACTIONS), action))
     if l2 not in L2_KINDS:
         raise ConfigError("l2 must be one of %s, got %r" % (", ".join(L2_KINDS), l2))
-    if not isinstance(pin_dir, str) or not _PIN_DIR_RE.match(pin_dir) or \
-            "/../" in pin_dir + "/" or "/./" in pin_dir + "/":
+    if not isinstance(pin_dir, str) or not _PIN_DIR_RE.match(pin_dir):
         raise ConfigError(
-            "pin_dir must be a directory under %s made of letters, digits and ._@:+-, got %r"
-            % (BPFFS_ROOT, pin_dir))
+            "pin_dir must be a directory under %s made of letters, digits and _%%@:+- "
+            "(bpffs allows no dots), got %r" % (BPFFS_ROOT, pin_dir))
     return {
         "port": _integer("port", port, 1, 65535),
         "limit": _integer("limit", limit, 0, 65535),

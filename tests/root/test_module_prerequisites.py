@@ -110,3 +110,27 @@ def test_not_root(host):
     assert rc != 0
     assert "must run as root" in result["msg"] and "become: true" in result["msg"]
     assert filters() == ""
+
+
+def test_failed_compile_leaves_the_previous_limiter_working(host):
+    rc, first = ansible(limiter_args("limit=2"))
+    assert rc == 0, first
+    before = filters()
+    program_id = first["interfaces"]["netns-%s" % NETNS]["eth0"]["program_id"]
+    assert "id %d " % program_id in before
+    # A kernel tree that looks right from outside but holds no real headers: BCC's clang
+    # fails on it (and on this machine even crashes), after the state check.
+    empty_tree = tempfile.mkdtemp(prefix="rgpre-tree-")
+    os.makedirs(os.path.join(empty_tree, "include", "linux"))
+    open(os.path.join(empty_tree, "include", "linux", "kconfig.h"), "w").close()
+    try:
+        rc, result = ansible(limiter_args("limit=3 kernel_headers=%s" % empty_tree))
+    finally:
+        shutil.rmtree(empty_tree)
+    assert rc != 0
+    assert result["msg"].startswith("compiling and loading the limiter")
+    assert filters() == before
+    rc, again = ansible(limiter_args("limit=2"))
+    assert rc == 0 and not again["changed"], again
+    assert again["interfaces"]["netns-%s" % NETNS]["eth0"]["program_id"] == program_id
+    ansible("state=absent " + limiter_args())

@@ -65,3 +65,15 @@ def test_public_config_hides_internals():
     assert _plan.public_config(WANT["config"]) == {
         "port": 5672, "limit": 3, "action": "drop", "frame_max": 131072, "l2": "ethernet"}
     assert _plan.public_config(None) is None
+
+
+@pytest.mark.parametrize("name", ["eth0", "eth0.100", "br-lan", "wg_0", "vlan@x", "ens1f0np0",
+                                  "naïve"])
+def test_interface_names_become_bpffs_safe_and_come_back(name):
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
+
+    component = _deploy.path_component(name)
+    assert "." not in component and "/" not in component
+    assert _deploy.from_path_component(component) == name
+    # ...and the pin path passes the renderer's validation.
+    _render.validate(5672, 1, "drop", "ethernet", "/sys/fs/bpf/rabbitguard/v1/host/" + component)

@@ -49,6 +49,7 @@ def test_digest_follows_the_config():
     ("frame_max", 100, "frame_max must be between 4096"),
     ("pin_dir", "/tmp/x", "pin_dir must be a directory under /sys/fs/bpf"),
     ("pin_dir", "/sys/fs/bpf/a/../../etc", "pin_dir must be a directory under /sys/fs/bpf"),
+    ("pin_dir", "/sys/fs/bpf/a.b", "bpffs allows no dots"),
     ("pin_dir", '/sys/fs/bpf/a"b', "pin_dir must be a directory under /sys/fs/bpf"),
     ("pin_dir", "/sys/fs/bpf/a\n#define X", "pin_dir must be a directory under /sys/fs/bpf"),
 ])
