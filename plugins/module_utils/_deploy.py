@@ -278,7 +278,10 @@ def deploy(tc, ifname, source, desired, observed):
     except Exception:
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
-        _unpin(pin, new_pins)
+        if len(new_pins) == len(_layout.MAP_NAMES):
+            unpin_interface(pin)        # nothing was here: leave no directory either
+        else:
+            _unpin(pin, new_pins)
         if prog_fd is not None:
             _bpfsys.close(prog_fd)
         raise

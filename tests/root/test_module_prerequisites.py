@@ -134,3 +134,19 @@ def test_failed_compile_leaves_the_previous_limiter_working(host):
     assert rc == 0 and not again["changed"], again
     assert again["interfaces"]["netns-%s" % NETNS]["eth0"]["program_id"] == program_id
     ansible("state=absent " + limiter_args())
+
+
+def test_failed_first_deploy_leaves_nothing(host):
+    empty_tree = tempfile.mkdtemp(prefix="rgpre-tree-")
+    os.makedirs(os.path.join(empty_tree, "include", "linux"))
+    open(os.path.join(empty_tree, "include", "linux", "kconfig.h"), "w").close()
+    try:
+        rc, result = ansible(limiter_args("kernel_headers=%s" % empty_tree))
+    finally:
+        shutil.rmtree(empty_tree)
+    assert rc != 0 and "compiling and loading the limiter" in result["msg"]
+    assert filters() == ""
+    assert not os.path.exists(PIN_DIR)
+    qdiscs = subprocess.run(["ip", "netns", "exec", NETNS, "tc", "qdisc", "show", "dev", "eth0"],
+                            stdout=subprocess.PIPE, check=True).stdout.decode()
+    assert "clsact" not in qdiscs
