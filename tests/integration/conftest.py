@@ -31,14 +31,22 @@ class _Log(list):
 
 @pytest.fixture(scope="session")
 def lab_hosts():
-    """{name: host dict} of the session's lab; down at the end, whatever happened."""
+    """{name: host dict} of the session's lab; down at the end, whatever happened.
+
+    RG_IT_KEEP_LAB=1 (for working on the tests) reuses a running lab of these settings and
+    leaves it up afterwards; ``RG_LAB_PREFIX=rgi RG_LAB_SUBNET=240
+    RG_LAB_PRIVATE_DIRS=/run/lock lab/lab.py down`` removes it.
+    """
     log = _Log()
+    keep = os.environ.get("RG_IT_KEEP_LAB", "") not in ("", "0")
     try:
-        lab.down(cfg=CFG, log=log)      # leftovers of an interrupted run
+        if not keep:
+            lab.down(cfg=CFG, log=log)      # leftovers of an interrupted run
         hosts = lab.up(n=N_HOSTS, cfg=CFG, log=log)
         yield {h["name"]: h for h in hosts}
     finally:
-        lab.down(cfg=CFG, log=log)
+        if not keep:
+            lab.down(cfg=CFG, log=log)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,12 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run modules the way Ansible runs them, and read their results back as data.
 
-``ansible-playbook`` runs a small generated playbook: each task is the module under test
-with ``register`` and ``ignore_errors: true``, followed by a ``copy`` to the controller of
-the registered result as JSON. The results come back exactly as a playbook sees them
-(``changed``, ``failed``, ``msg``, ``diff``, return values), with no stdout callback
-parsing (the ``json`` callback is no longer in ansible-core).
+``ansible-playbook`` runs a small generated playbook: each task is the module under test,
+with ``ignore_errors: true`` so that a failure is a result to look at. A notification
+callback of our own (CALLBACK, written into the work dir) appends every task result, as
+``register`` would hold it, to a JSON-lines file: ``changed``, ``failed``, ``msg``, ``diff``
+and the return values, unabridged (the default callback leaves ``diff`` out of what it
+prints, and the ``json`` callback is no longer in ansible-core). No stdout parsing.
 
     runner = Ansible(inventory_path, workdir)
     (result,) = runner.play("rabbit1", [task("rabbitguard.limiter.rabbit_tc_limit", limit=3)])
@@ -28,6 +29,44 @@ ANSIBLE_CFG = os.path.join(REPO_ROOT, "ansible.cfg")
 VENV_BIN = os.path.join(REPO_ROOT, ".venv", "bin")
 LIMIT = "rabbitguard.limiter.rabbit_tc_limit"
 INFO = "rabbitguard.limiter.rabbit_tc_limit_info"
+
+
+# A notification callback that appends each task result, as the task registered it, to the
+# file named by RGI_RESULTS_FILE: {"host", "task", "status", "result"} per line.
+CALLBACK = '''
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "notification"
+    CALLBACK_NAME = "rgi_results"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _write(self, result, status):
+        path = os.environ.get("RGI_RESULTS_FILE")
+        if not path:
+            return
+        record = {"host": result.host.get_name(), "task": result.task.get_name(),
+                  "status": status, "result": result.result}
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record, default=str) + "\\n")
+
+    def v2_runner_on_ok(self, result):
+        self._write(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._write(result, "failed")
+
+    def v2_runner_on_unreachable(self, result):
+        self._write(result, "unreachable")
+
+    def v2_runner_on_skipped(self, result):
+        self._write(result, "skipped")
+'''
 
 
 class AnsibleFailed(AssertionError):
@@ -64,10 +103,17 @@ class Ansible:
         })
         self.env["ANSIBLE_COLLECTIONS_PATH"] = collections_path or os.path.join(
             REPO_ROOT, ".collections")
+        # The results of every task, unabridged (diff included), as JSON lines.
+        plugins = os.path.join(workdir, "callback_plugins")
+        os.makedirs(plugins, exist_ok=True)
+        with open(os.path.join(plugins, "rgi_results.py"), "w") as handle:
+            handle.write(CALLBACK)
+        self.env["ANSIBLE_CALLBACK_PLUGINS"] = plugins
+        self.env["ANSIBLE_CALLBACKS_ENABLED"] = "rgi_results"
         self.runs = []          # (argv, CompletedProcess) of every run, for failure reports
 
-    def _run(self, argv):
-        proc = subprocess.run(argv, env=self.env, cwd=self.workdir, capture_output=True,
+    def _run(self, argv, env=None):
+        proc = subprocess.run(argv, env=env or self.env, cwd=self.workdir, capture_output=True,
                               text=True, timeout=self.timeout)
         self.runs.append((argv, proc))
         return proc
@@ -76,50 +122,41 @@ class Ansible:
         """Run tasks (see task()) on hosts, in order; a list per task of {host: result},
         or the result itself when hosts names one host."""
         run_id = uuid.uuid4().hex[:12]
-        outdir = os.path.join(self.workdir, "results-" + run_id)
-        os.makedirs(outdir)
+        results_file = os.path.join(self.workdir, "results-%s.jsonl" % run_id)
         play_tasks = []
         for index, spec in enumerate(tasks):
             play_tasks.append({
-                "name": "task %d: %s" % (index, spec["module"]),
+                "name": "rgi task %d" % index,
                 spec["module"]: spec["args"],
                 "check_mode": bool(spec["check"]),
                 "diff": bool(spec["diff"]),
-                "register": "rgi_result",
                 "ignore_errors": True,
-            })
-            play_tasks.append({
-                "name": "result %d to the controller" % index,
-                "ansible.builtin.copy": {
-                    "content": "{{ rgi_result | to_json }}",
-                    "dest": os.path.join(outdir, "{{ inventory_hostname }}-%d.json" % index),
-                    "mode": "0600",
-                },
-                "delegate_to": "localhost",
-                "check_mode": False,
-                "diff": False,
             })
         playbook = [{"name": "rabbitguard integration " + run_id, "hosts": hosts,
                      "gather_facts": False, "tasks": play_tasks}]
         path = os.path.join(self.workdir, "play-%s.yml" % run_id)
         with open(path, "w") as handle:
             json.dump(playbook, handle, indent=1)   # JSON is YAML
-        proc = self._run([_which("ansible-playbook"), "-i", self.inventory, path])
+        env = dict(self.env, RGI_RESULTS_FILE=results_file)
+        proc = self._run([_which("ansible-playbook"), "-i", self.inventory, path], env=env)
         if proc.returncode != 0:
             raise AnsibleFailed("ansible-playbook exited %d\n--- stdout\n%s\n--- stderr\n%s"
                                 % (proc.returncode, proc.stdout[-6000:], proc.stderr[-4000:]))
-        results = []
-        for index in range(len(tasks)):
-            per_host = {}
-            for name in sorted(os.listdir(outdir)):
-                host, _dash, rest = name.rpartition("-")
-                if rest == "%d.json" % index:
-                    with open(os.path.join(outdir, name)) as handle:
-                        per_host[host] = json.load(handle)
+        results = [{} for _spec in tasks]
+        with open(results_file) as handle:
+            for line in handle:
+                record = json.loads(line)
+                if record["status"] == "unreachable":
+                    raise AnsibleFailed("%s unreachable: %s" % (record["host"], record["result"]))
+                index = int(record["task"].rsplit(" ", 1)[1])
+                result = record["result"]
+                # As register would hold it (the callback's copy leaves the flag out).
+                result.setdefault("failed", record["status"] == "failed")
+                results[index][record["host"]] = result
+        for index, per_host in enumerate(results):
             if not per_host:
                 raise AnsibleFailed("task %d left no result\n%s" % (index, proc.stdout[-6000:]))
-            results.append(per_host)
-        if "," not in hosts and hosts in results[0]:
+        if "," not in hosts and all(hosts in r for r in results):
             return [r[hosts] for r in results]
         return results
 
