@@ -24,7 +24,7 @@ import string
 import time
 from contextlib import contextmanager
 
-from . import _bpfsys, _compile, _layout, _plan, _render
+from . import _bpfsys, _compile, _layout, _plan, _render, _tc
 from ._errors import LimiterError
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/rabbitguard"
@@ -274,6 +274,7 @@ def deploy(tc, ifname, source, desired, observed):
     try:
         prog_fd = _compile.compile_isolated(source, pin)
         created_clsact = tc.ensure_clsact(ifname)
+        _clear_foreign(tc, ifname, observed.get("filter"))
         tc.attach(ifname, prog_fd, _plan.filter_name(digest), FILTER_PREF, FILTER_HANDLE)
     except Exception:
         if created_clsact:
@@ -291,6 +292,29 @@ def deploy(tc, ifname, source, desired, observed):
         return _bpfsys.prog_info(prog_fd)["id"]
     finally:
         _bpfsys.close(prog_fd)
+
+
+def _clear_foreign(tc, ifname, found):
+    """Delete a foreign filter in our slot that attach cannot swap in place.
+
+    The kernel keeps one classifier kind and one protocol per pref, so a replace at our
+    pref/handle over, say, a "protocol ip" bpf filter or a flower filter fails with
+    "Protocol mismatch" / "kind does not match". Our slot is ours (see the module's notes):
+    such a filter goes first, by its own kind and protocol. A foreign bpf filter for all
+    protocols is left to the attach, which replaces it atomically.
+    """
+    if found is None or _plan.is_ours(found):
+        return
+    if found.get("kind") == "bpf" and found.get("protocol") == _tc.ETH_P_ALL:
+        return
+    try:
+        tc.ipr.tc("del-filter", found["kind"], tc.interface_index(ifname), FILTER_HANDLE,
+                  parent=_tc.TC_H_INGRESS_HOOK, prio=FILTER_PREF, protocol=found["protocol"])
+    except _tc._NL_ERRORS as e:
+        raise LimiterError("removing the foreign %s filter (protocol 0x%04x) at pref %d, "
+                           "handle 0x%x of %s ingress: %s"
+                           % (found["kind"], found["protocol"], FILTER_PREF, FILTER_HANDLE,
+                              ifname, _tc._reason(e)))
 
 
 def remove(tc, ifname, observed):
