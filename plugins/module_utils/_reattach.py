@@ -164,12 +164,12 @@ def main(argv=None, template=None):
             except (IOError, OSError) as e:
                 raise LimiterError("reading the classifier template %s: %s" % (path, e.strerror))
         if ensure_bpffs():
-            print("%s: mounted bpffs at %s" % (prog, _render.BPFFS_ROOT))
+            sys.stdout.write("%s: mounted bpffs at %s\n" % (prog, _render.BPFFS_ROOT))
         for ns_key, ifname, action, reason in reattach(params, template, args.wait):
-            print("%s: %s/%s: %s%s (limit %d, action %s, port %d)"
-                  % (prog, ns_key, ifname, action, " (%s)" % reason if reason else "",
-                     params["limit"], params["action"], params["port"]))
+            sys.stdout.write("%s: %s/%s: %s%s (limit %d, action %s, port %d)\n"
+                             % (prog, ns_key, ifname, action, " (%s)" % reason if reason else "",
+                                params["limit"], params["action"], params["port"]))
     except (LimiterError, _render.ConfigError) as e:
-        print("%s: error: %s" % (prog, e), file=sys.stderr)
+        sys.stderr.write("%s: error: %s\n" % (prog, e))
         return 1
     return 0
