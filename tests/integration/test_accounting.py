@@ -87,26 +87,6 @@ def test_closing_the_connection_forgets_it(ansible, limited, queues, client_pool
     assert outcome.count == LIMIT and refused_fast(outcome), outcome
 
 
-def test_a_live_limit_change_keeps_the_counts(ansible, limited, queues, client_pool):
-    # aio-pika keeps the connection's heartbeats going while Ansible runs.
-    client = client_pool("aio-pika", limited["ipv4"], "live-change")
-    channel = client.channel()
-    assert open_consumers(client, queues, LIMIT, channels=[channel]).count == LIMIT
-
-    result = deploy(ansible, HOST, diff=True, limit=LIMIT + 2, action="reset")
-
-    assert result["changed"] is True
-    assert eth0(result)["action"] == "replace"
-    assert eth0(result)["config"]["limit"] == LIMIT + 2
-    assert result["diff"]["before"]["host/eth0"]["limit"] == LIMIT
-    assert result["diff"]["after"]["host/eth0"]["limit"] == LIMIT + 2
-    assert client.alive, client
-    # The same connection, its 3 consumers still counted: exactly 2 more.
-    more = open_consumers(client, queues, 4, channels=[channel])
-    assert more.count == 2, more
-    assert refused_fast(more), more
-
-
 def test_ipv4_and_ipv6_connections_are_counted_separately(ansible, limited, queues,
                                                          client_pool):
     v4 = client_pool("pika", limited["ipv4"], "sep-v4")
@@ -180,3 +160,76 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
     only = limiter_entry(info(ansible, HOST, min_consumers=LIMIT))
     assert consumer.local_port in [c["client_port"] for c in only["connections"]]
     assert all(c["consumers"] >= LIMIT for c in only["connections"])
+
+
+def test_a_busy_connection_is_counted_exactly(limited, queues, client_pool):
+    """Consumes between large publishes on the same connection: frames span segments and
+    segments hold many frames; the count is still exact."""
+    client = client_pool("aio-pika", limited["ipv4"], "busy")
+    publishing, consuming = client.channel(), client.channel()
+    stop = threading.Event()
+    sent, errors = [], []
+
+    def publish():
+        body = b"p" * 300000        # > frame_max: three body frames, many segments each
+        while not stop.is_set():
+            try:
+                client.publish(publishing, queues, body)
+            except ClientError as exc:
+                errors.append(exc)
+                return
+            sent.append(1)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(sent) >= 3, 5), errors
+        outcome = open_consumers(client, queues, LIMIT + 2, channels=[consuming])
+    finally:
+        stop.set()
+        thread.join(5)
+
+    assert outcome.count == LIMIT and refused_fast(outcome), (outcome, len(sent))
+    assert len(sent) >= 3
+
+
+def test_a_live_limit_change_keeps_the_counts(ansible, limited, queues, client_pool):
+    # aio-pika keeps the connection's heartbeats going while Ansible runs.
+    client = client_pool("aio-pika", limited["ipv4"], "live-change")
+    channel = client.channel()
+    assert open_consumers(client, queues, LIMIT, channels=[channel]).count == LIMIT
+
+    result = deploy(ansible, HOST, diff=True, limit=LIMIT + 2, action="reset")
+
+    assert result["changed"] is True
+    assert eth0(result)["action"] == "replace"
+    assert eth0(result)["config"]["limit"] == LIMIT + 2
+    assert result["diff"]["before"]["host/eth0"]["limit"] == LIMIT
+    assert result["diff"]["after"]["host/eth0"]["limit"] == LIMIT + 2
+    assert client.alive, client
+    # The same connection, its 3 consumers still counted: exactly 2 more.
+    more = open_consumers(client, queues, 4, channels=[channel])
+    assert more.count == 2, more
+    assert refused_fast(more), more
+
+
+def test_lowering_the_limit_keeps_live_consumers_and_refuses_new_ones(ansible, lab_hosts,
+                                                                      queues, client_pool):
+    # Runs after the live change above (limit 5): one compile less.
+    ensure(ansible, HOST, limit=LIMIT + 2, action="reset")
+    client = client_pool("pika", lab_hosts[HOST]["ipv4"], "lower")
+    channel = client.channel()
+    opened = open_consumers(client, queues, 4, channels=[channel])
+    assert opened.count == 4 and opened.error is None, opened
+
+    result = deploy(ansible, HOST, limit=2, action="reset")
+    assert eth0(result)["action"] == "replace"
+
+    # Nothing live is taken away: the broker still has all 4, the connection works.
+    assert sum(broker_connections(HOST)[client.local_port]["channels"].values()) == 4
+    assert client.alive
+    # Down to 1 of them: one more fits under the new limit of 2, not more.
+    for _channel, tag in opened.opened[:3]:
+        client.cancel(channel, tag)
+    more = open_consumers(client, queues, 3, channels=[channel])
+    assert more.count == 1 and refused_fast(more), more

@@ -76,9 +76,11 @@ def test_reset_fails_the_client_fast_and_frees_the_connection(ansible, lab_hosts
     assert "reset" in outcome.error.detail.lower(), outcome
     assert outcome.error.elapsed < 1.5, outcome
     assert not client.alive
-    # The broker let go of the connection as well (its side got the RST).
+    # The broker let go of the connection as well (its side got the RST), and so did the
+    # limiter.
     assert wait_for(lambda: client.local_port not in broker_connections(HOST), 5), \
         broker_connections(HOST)
+    assert connection_of(limiter_entry(info(ansible, HOST)), client) is None
 
 
 def test_monitor_refuses_nothing_and_reports_what_it_would_have(ansible, lab_hosts, queues,
@@ -99,3 +101,17 @@ def test_monitor_refuses_nothing_and_reports_what_it_would_have(ansible, lab_hos
     assert conn["consumers"] == LIMIT + 2 > entry["config"]["limit"]
     assert conn["refused"] == 2
     assert client.alive
+
+
+def test_port_selects_the_traffic_and_limit_zero_refuses_every_consume(ansible, lab_hosts,
+                                                                       queues, client_pool):
+    host = lab_hosts[HOST]
+    ensure(ansible, HOST, limit=0, action="reset", port=5673)
+    other_port = client_pool("pika", host["ipv4"], "port-5673")
+    outcome = open_consumers(other_port, queues, 5)
+    assert outcome.count == 5 and outcome.error is None, outcome
+
+    ensure(ansible, HOST, limit=0, action="reset")
+    zero = client_pool("aio-pika", host["ipv6"], "limit-0")
+    outcome = open_consumers(zero, queues, 2)
+    assert outcome.count == 0 and outcome.error.kind == "connection", outcome
