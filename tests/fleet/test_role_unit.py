@@ -1,0 +1,100 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The tc_limiter role's pieces that need no host: its variable declarations, the boot
+unit's program (built by files/make_reattach_pyz.py) and the stored-config loader.
+
+The role itself runs against real SSH hosts in extensions/molecule/default.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import yaml
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _reattach
+from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROLE = os.path.join(REPO, "roles", "tc_limiter")
+BUILDER = os.path.join(ROLE, "files", "make_reattach_pyz.py")
+
+
+def _yaml(*parts):
+    with open(os.path.join(ROLE, *parts)) as handle:
+        return yaml.safe_load(handle)
+
+
+def test_every_variable_is_declared_defaulted_and_prefixed():
+    specs = _yaml("meta", "argument_specs.yml")["argument_specs"]
+    defaults = _yaml("defaults", "main.yml")
+    declared = {}
+    for entry in specs.values():
+        for name, option in entry["options"].items():
+            assert name.startswith("tc_limiter_"), name
+            assert option.get("type") and option.get("description"), name
+            declared[name] = option["default"]
+    assert sorted(declared) == sorted(defaults)
+    for name, default in declared.items():
+        assert defaults[name] == default, name
+
+
+def test_internal_variables_start_with_an_underscore():
+    for name in _yaml("vars", "main.yml"):
+        assert name.startswith("_tc_limiter_"), name
+
+
+def _build(tmp_path, name):
+    out = str(tmp_path / name)
+    subprocess.run([sys.executable, BUILDER, out, REPO], check=True, capture_output=True)
+    return out
+
+
+def test_boot_program_is_reproducible_and_holds_no_ansible_code(tmp_path):
+    first, second = _build(tmp_path, "a.pyz"), _build(tmp_path, "b.pyz")
+    with open(first, "rb") as a, open(second, "rb") as b:
+        assert a.read() == b.read()        # an unchanged collection copies nothing
+    names = zipfile.ZipFile(first).namelist()
+    assert "__main__.py" in names
+    assert "rabbitguard_limiter/rabbit_limiter.c.j2" in names
+    assert "rabbitguard_limiter/_reattach.py" in names
+    assert "rabbitguard_limiter/_runner.py" not in names      # the one that imports Ansible
+
+
+def test_boot_program_runs_without_ansible_and_reports_a_bad_config(tmp_path):
+    pyz = _build(tmp_path, "r.pyz")
+    config = tmp_path / "limiter.json"
+    config.write_text(json.dumps({"limit": 5, "colour": "red"}))
+    # -I: isolated, no site-packages of the venv (so no Ansible).
+    proc = subprocess.run(["/usr/bin/python3", "-I", pyz, str(config)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "unknown keys colour" in proc.stderr
+
+
+def test_load_config_fills_in_the_module_defaults(tmp_path):
+    path = tmp_path / "limiter.json"
+    path.write_text(json.dumps({"limit": 5, "action": "reset", "interfaces": None,
+                                "netns": None, "kernel_headers": None}))
+    params = _reattach.load_config(str(path))
+    assert params["limit"] == 5 and params["action"] == "reset"
+    assert params["port"] == 5672 and params["interfaces"] is None
+    assert params["pin_dir"] == "/sys/fs/bpf/rabbitguard"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"limit": "ten"}), "limit must be an integer"),
+    (json.dumps({"action": "explode"}), "action must be one of"),
+    (json.dumps({"interfaces": "eth0"}), "interfaces must be a list"),
+])
+def test_load_config_refuses_bad_content(tmp_path, content, message):
+    path = tmp_path / "limiter.json"
+    path.write_text(content)
+    with pytest.raises(LimiterError, match=message):
+        _reattach.load_config(str(path))
