@@ -79,8 +79,8 @@ def test_respawns_into_the_system_python(host, tmp_path):
 def test_missing_kernel_headers(host):
     rc, result = ansible(limiter_args("kernel_headers=/nonexistent/build"))
     assert rc != 0
-    assert result["msg"].startswith("no kernel headers at /nonexistent/build: install "
-                                     "linux-headers-")
+    expected = "no kernel headers at /nonexistent/build: install linux-headers-"
+    assert result["msg"].startswith(expected)
     assert "kernel-devel" in result["msg"] and "\n" not in result["msg"]
     assert filters() == ""
     assert not os.path.exists(PIN_DIR)
