@@ -98,3 +98,28 @@ def test_load_config_refuses_bad_content(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(LimiterError, match=message):
         _reattach.load_config(str(path))
+
+
+def test_boot_unit_is_a_valid_systemd_unit(tmp_path):
+    """The rendered boot unit passes `systemd-analyze verify` (no mount unit for bpffs:
+    systemd mounts that API file system itself and refuses units for it)."""
+    import shutil
+
+    import jinja2
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["int"] = int
+    with open(os.path.join(ROLE, "templates", "rabbitguard-limiter.service.j2")) as handle:
+        text = env.from_string(handle.read()).render(
+            ansible_managed="Ansible managed", tc_limiter_boot_wait=120,
+            _tc_limiter_config_file="/etc/rabbitguard/limiter.json",
+            _tc_limiter_pyz="/usr/local/lib/rabbitguard/limiter/rabbitguard-reattach.pyz")
+    unit = tmp_path / "rabbitguard-limiter.service"
+    unit.write_text(text)
+    proc = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True,
+                          text=True, env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "ExecStart=/usr/bin/python3 /usr/local/lib/rabbitguard/limiter/" in text
