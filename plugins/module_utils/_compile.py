@@ -35,7 +35,8 @@ def compile_and_load(source, pin_dir):
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
-        raise LimiterError("compiling and loading the limiter (pins in %s): %s" % (pin_dir, e))
+        raise LimiterError("compiling and loading the limiter (pins in %s): %s" % (pin_dir, e),
+                           {"cause": str(e)})
     return bpf, function
 
 
@@ -66,7 +67,8 @@ def compile_isolated(source, pin_dir):
                 bpf.cleanup()
                 status = 0
             except LimiterError as e:
-                os.write(2, ("\nrabbitguard: %s\n" % e.msg).encode("utf-8", "replace"))
+                cause = e.context.get("cause", e.msg)
+                os.write(2, ("\nrabbitguard: %s\n" % cause).encode("utf-8", "replace"))
             finally:
                 os._exit(status)
         _pid, wait_status = os.waitpid(pid, 0)

@@ -99,7 +99,7 @@ limiters:
           conns_forgotten, resyncs, unparsed.
       type: dict
     connection_count:
-      description: How many live client connections are tracked.
+      description: How many live client connections are tracked (only with O(connections=true)).
       type: int
     connections:
       description:
