@@ -352,6 +352,34 @@ def test_more_frames_than_the_walk_bound_fail_open(dp):
     assert flow.state().synced == 1
 
 
+def test_a_retransmission_after_lost_sync_is_not_counted_again(dataplanes):
+    dp = dataplanes(limit=2, action="drop")
+    flow = opened(dp)
+    seq = flow.seq
+    many = amqp.consume(1) + amqp.heartbeat() * (_render.MAX_FRAMES + 1)
+    assert flow.send(many) == TC_ACT_OK             # the walk runs out of frames
+    assert (flow.state().synced, flow.consumers()) == (0, 1)
+    assert flow.send(many, seq=seq) == TC_ACT_OK    # resent: no rejoin on applied bytes
+    assert flow.consumers() == 1
+    assert flow.send(amqp.consume(2)) == TC_ACT_OK  # the client's real second consume
+    assert flow.channels() == {1: 1, 2: 1}
+    assert flow.send(amqp.consume(3)) == TC_ACT_SHOT
+
+
+def test_a_lost_segment_resent_later_resyncs_where_the_stream_stopped(dp):
+    flow = opened(dp)
+    flow.send(amqp.consume(1))
+    hole = flow.seq
+    lost = amqp.consume(2)
+    flow.seq += len(lost)
+    after = amqp.publish(1, b"x" * 50)
+    assert flow.send(after[5:]) == TC_ACT_OK        # arrives first, mid-frame: a gap
+    assert flow.state().synced == 0
+    assert flow.send(lost, seq=hole) == TC_ACT_OK   # the retransmission fills the hole
+    assert flow.state().synced == 1
+    assert flow.channels() == {1: 1, 2: 1}
+
+
 def test_frames_up_to_the_walk_bound_are_all_walked(dp):
     flow = opened(dp)
     many = amqp.heartbeat() * (_render.MAX_FRAMES - 3) + amqp.consume(1) * 3
