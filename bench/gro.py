@@ -131,6 +131,7 @@ def main():
         for name, fd in programs:
             ns, runs = measure(fd, args.seconds, args.body)
             rows.append((name, ns, runs))
+        counters = ours.counters()
     finally:
         with open(STATS, "w") as f:
             f.write(stats_before)
@@ -147,6 +148,9 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for name, ns, runs in rows:
         print("| %s | %.0f | %d | %.2fx | %.2fx |" % (name, ns, runs, ns / floor, ns / naive))
+    print("\nrabbitguard's counters for its run: %s" % ", ".join(
+        "%s %d" % (key, counters[key]) for key in ("segments", "amqp_segments", "resyncs",
+                                                   "unparsed")))
 
 
 if __name__ == "__main__":
