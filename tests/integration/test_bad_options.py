@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tests.integration.common import ensure, snapshot
-from tests.lib.ansible_run import LIMIT, task
+from tests.lib.ansible_run import task
 from tests.lib.clients import open_consumers
 
 pytestmark = pytest.mark.integration

@@ -134,6 +134,16 @@ def test_a_change_in_check_then_diff_mode(ansible, fleet):
 
 
 def test_absent_restores_traffic_and_leaves_no_trace(ansible, fleet, queues, client_pool):
+    # Check mode first: it predicts the removal and removes nothing.
+    before = dict((h, snapshot(h)) for h in HOSTS)
+    (checked,) = ansible.play("rabbit", [task(LIMIT, state="absent", check=True, diff=True)])
+    for host, result in checked.items():
+        assert result["changed"] is True, result
+        assert result["interfaces"]["host"][IFACE]["action"] == "remove"
+        assert result["diff"]["before"]["host/eth0"]["limit"] == CONFIG["limit"] + 3
+        assert result["diff"]["after"]["host/eth0"] is None
+        assert snapshot(host) == before[host]
+
     (results,) = ansible.play("rabbit", [task(LIMIT, state="absent")])
 
     for host, result in results.items():
