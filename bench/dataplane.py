@@ -19,10 +19,8 @@ is measured in the same run, in a column of its own.
 import argparse
 import ctypes
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = os.path.join(ROOT, ".collections", "ansible_collections", "rabbitguard", "limiter")
@@ -35,9 +33,7 @@ from bcc import BPF  # noqa: E402
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (  # noqa: E402
     _bpfsys,
-    _compile,
     _layout,
-    _render,
 )
 from tests.lib import amqp, packets  # noqa: E402
 from tests.lib.dataplane import Dataplane  # noqa: E402
@@ -69,32 +65,13 @@ def cases():
     ]
 
 
-class TemplateDataplane(Dataplane):
-    """Dataplane, rendered from another template file."""
-
-    def __init__(self, template, limit, action):
-        self.pin_dir = tempfile.mkdtemp(prefix="rgbench-", dir=_render.BPFFS_ROOT)
-        try:
-            self.config = _render.validate(5672, limit, action, "ethernet", self.pin_dir)
-            self.source = _render.render(self.config, _render.read_template(template))
-            self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
-            self.map_fds = {name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
-                            for name in _layout.MAP_NAMES}
-        except Exception:
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
-            raise
-
-
 class Limiter:
     """Ours: restores the connection's state before every sample."""
 
     name = "rabbitguard"
 
     def __init__(self, template=None):
-        if template:
-            self.dp = TemplateDataplane(template, limit=LIMIT, action="drop")
-        else:
-            self.dp = Dataplane(limit=LIMIT, action="drop")
+        self.dp = Dataplane(limit=LIMIT, action="drop", template_path=template)
         self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
 
     def prepare(self, header_at, consumers):

@@ -7,11 +7,19 @@ from tests.lib.dataplane import Dataplane
 _cache = {}
 
 
-@pytest.fixture(scope="session")
-def dataplanes():
+# Payload bytes are read straight from the packet's linear data when it holds them, and
+# through bpf_skb_load_bytes when it does not (paged GRO data). BPF_PROG_TEST_RUN only builds
+# linear packets, so every test that uses a dataplane runs twice: once as deployed, once on
+# a test-only variant that takes the helper for every payload read.
+READ_PATHS = {"direct": False, "skb_load_bytes": True}
+
+
+@pytest.fixture(scope="session", params=sorted(READ_PATHS))
+def dataplanes(request):
     """get(limit=.., action=..): a loaded variant with empty maps."""
 
     def get(**config):
+        config["force_skb_load_bytes"] = READ_PATHS[request.param]
         key = tuple(sorted(config.items()))
         if key not in _cache:
             _cache[key] = Dataplane(**config)

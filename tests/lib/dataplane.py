@@ -27,11 +27,16 @@ BROKER_V6 = "fd00::1"
 class Dataplane:
     """One compiled variant of the classifier with its pinned maps."""
 
-    def __init__(self, limit=3, action="drop", port=5672, l2="ethernet", frame_max=131072):
+    def __init__(self, limit=3, action="drop", port=5672, l2="ethernet", frame_max=131072,
+                 template_path=None, force_skb_load_bytes=False):
+        """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
+        the test-only variant that reads every payload byte through the helper."""
         self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_render.BPFFS_ROOT)
         try:
             self.config = _render.validate(port, limit, action, l2, self.pin_dir, frame_max)
-            self.source = _render.render(self.config, _render.read_template())
+            if force_skb_load_bytes:
+                self.config = dict(self.config, force_skb_load_bytes=True)
+            self.source = _render.render(self.config, _render.read_template(template_path))
             self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
             self.map_fds = {name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
                             for name in _layout.MAP_NAMES}

@@ -64,6 +64,16 @@ def host():
     shutil.rmtree(PIN_DIR, ignore_errors=True)
 
 
+@pytest.fixture
+def hollow_kernel_tree(tmp_path):
+    """A kernel tree that looks right from outside but holds no real headers: BCC's clang
+    fails on it (on this machine it even crashes), after the module's headers check."""
+    linux = tmp_path / "tree" / "include" / "linux"
+    linux.mkdir(parents=True)
+    (linux / "kconfig.h").write_text("")
+    return str(tmp_path / "tree")
+
+
 def test_respawns_into_the_system_python(host, tmp_path):
     # A Python that cannot import BCC, as an interpreter Ansible may pick on a host.
     venv.create(str(tmp_path / "bare"), system_site_packages=False, with_pip=False)
@@ -112,21 +122,13 @@ def test_not_root(host):
     assert filters() == ""
 
 
-def test_failed_compile_leaves_the_previous_limiter_working(host):
+def test_failed_compile_leaves_the_previous_limiter_working(host, hollow_kernel_tree):
     rc, first = ansible(limiter_args("limit=2"))
     assert rc == 0, first
     before = filters()
     program_id = first["interfaces"]["netns-%s" % NETNS]["eth0"]["program_id"]
     assert "id %d " % program_id in before
-    # A kernel tree that looks right from outside but holds no real headers: BCC's clang
-    # fails on it (and on this machine even crashes), after the state check.
-    empty_tree = tempfile.mkdtemp(prefix="rgpre-tree-")
-    os.makedirs(os.path.join(empty_tree, "include", "linux"))
-    open(os.path.join(empty_tree, "include", "linux", "kconfig.h"), "w").close()
-    try:
-        rc, result = ansible(limiter_args("limit=3 kernel_headers=%s" % empty_tree))
-    finally:
-        shutil.rmtree(empty_tree)
+    rc, result = ansible(limiter_args("limit=3 kernel_headers=%s" % hollow_kernel_tree))
     assert rc != 0
     assert result["msg"].startswith("compiling and loading the limiter")
     assert filters() == before
@@ -136,14 +138,8 @@ def test_failed_compile_leaves_the_previous_limiter_working(host):
     ansible("state=absent " + limiter_args())
 
 
-def test_failed_first_deploy_leaves_nothing(host):
-    empty_tree = tempfile.mkdtemp(prefix="rgpre-tree-")
-    os.makedirs(os.path.join(empty_tree, "include", "linux"))
-    open(os.path.join(empty_tree, "include", "linux", "kconfig.h"), "w").close()
-    try:
-        rc, result = ansible(limiter_args("kernel_headers=%s" % empty_tree))
-    finally:
-        shutil.rmtree(empty_tree)
+def test_failed_first_deploy_leaves_nothing(host, hollow_kernel_tree):
+    rc, result = ansible(limiter_args("kernel_headers=%s" % hollow_kernel_tree))
     assert rc != 0 and "compiling and loading the limiter" in result["msg"]
     assert filters() == ""
     assert not os.path.exists(PIN_DIR)
