@@ -140,5 +140,3 @@ def connection_of(entry, client):
     found = [c for c in entry["connections"] if c["client_port"] == client.local_port]
     assert len(found) <= 1, found
     return found[0] if found else None
-
-

@@ -87,8 +87,8 @@ def test_closing_the_connection_forgets_it(ansible, limited, queues, client_pool
     assert outcome.count == LIMIT and refused_fast(outcome), outcome
 
 
-def test_ipv4_and_ipv6_connections_are_counted_separately(ansible, limited, queues,
-                                                         client_pool):
+def test_ipv4_and_ipv6_connections_are_counted_separately(
+        ansible, limited, queues, client_pool):
     v4 = client_pool("pika", limited["ipv4"], "sep-v4")
     v6 = client_pool("amqp", limited["ipv6"], "sep-v6")
     for client in (v4, v6):

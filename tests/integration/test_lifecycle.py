@@ -70,8 +70,8 @@ def test_check_mode_predicts_a_change_and_attaches_nothing(ansible, fleet):
     for host, result in results.items():
         assert result["failed"] is False and result["changed"] is True, result
         entry = result["interfaces"]["host"][IFACE]
-        assert (entry["action"], entry["compiled"], entry["program_id"]) == ("create", False,
-                                                                           None)
+        outcome = (entry["action"], entry["compiled"], entry["program_id"])
+        assert outcome == ("create", False, None)
         assert result["diff"]["before"]["host/eth0"] is None
         assert result["diff"]["after"]["host/eth0"]["limit"] == CONFIG["limit"]
         assert snapshot(host) == before[host], host
@@ -113,7 +113,7 @@ def test_second_run_changes_and_compiles_nothing(ansible, fleet):
 
 def test_a_change_in_check_then_diff_mode(ansible, fleet):
     before = dict((h, snapshot(h)) for h in HOSTS)
-    changed = dict(CONFIG, limit=CONFIG["limit"] + 3)
+    changed = {"limit": CONFIG["limit"] + 3, "action": CONFIG["action"]}
 
     checked, applied = ansible.play("rabbit", [task(LIMIT, check=True, diff=True, **changed),
                                                task(LIMIT, diff=True, **changed)])

@@ -114,7 +114,7 @@ class Ansible:
 
     def _run(self, argv, env=None):
         proc = subprocess.run(argv, env=env or self.env, cwd=self.workdir, capture_output=True,
-                              text=True, timeout=self.timeout)
+                              text=True, timeout=self.timeout, check=False)
         self.runs.append((argv, proc))
         return proc
 
