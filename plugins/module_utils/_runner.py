@@ -11,6 +11,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
+import sys
 
 try:
     from importlib.util import find_spec
@@ -59,8 +60,7 @@ def ensure_python_libs(module, names):
         if interpreter:
             respawn_module(interpreter)     # does not return
     module.fail_json(msg="%s not importable by %s nor by the system Python: install %s"
-                     % (", ".join(missing), module._python_interpreter if hasattr(
-                         module, "_python_interpreter") else "this Python",
+                     % (", ".join(missing), sys.executable,
                         "; ".join(PACKAGES[name] for name in missing)))
 
 
