@@ -123,7 +123,7 @@ def _listdir(path):
 
 # -- host checks and the lock -------------------------------------------------------------
 
-def check_bpffs(pin_root):
+def check_bpffs():
     if not _bpfsys.is_bpffs(_render.BPFFS_ROOT):
         raise LimiterError("bpffs is not mounted at %s: mount it with 'mount -t bpf bpf %s' "
                            "(the rabbitguard.limiter.tc_limiter role does this persistently)"

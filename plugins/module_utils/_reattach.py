@@ -115,7 +115,7 @@ def reattach(params, template, wait=0):
     deadline = time.time() + wait
     pin_root, netns = params["pin_dir"], params["netns"]
     ns_key = _deploy.namespace_key(netns)
-    _deploy.check_bpffs(pin_root)
+    _deploy.check_bpffs()
     done = []
     path = _tc.netns_path(netns)
     while path is not None and not os.path.exists(path) and time.time() < deadline:

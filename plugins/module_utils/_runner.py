@@ -95,7 +95,7 @@ def run_limit(module):
             # Option errors first: they name the option and nothing has been touched.
             _render.validate(params["port"], params["limit"], params["action"], "ethernet",
                              _render.BPFFS_ROOT + "/check", params["frame_max"])
-        _deploy.check_bpffs(params["pin_dir"])
+        _deploy.check_bpffs()
         with _deploy.host_lock(params["lock_timeout"]):
             if present:
                 _present(module, result, diff)
@@ -212,7 +212,7 @@ def run_info(module):
     pin_root = params["pin_dir"]
     limiters = []
     try:
-        _deploy.check_bpffs(pin_root)
+        _deploy.check_bpffs()
         if params["netns"] is not None:
             ns_keys = [_deploy.namespace_key(params["netns"])]
         else:
