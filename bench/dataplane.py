@@ -48,14 +48,18 @@ def amqp_packet(payload, port=5672):
 
 def cases():
     small_publish = amqp.publish(1, b"m" * 100)
-    sixteen = (amqp.publish(1, b"m" * 40) * 5) + amqp.heartbeat()     # 5 x 3 frames + 1
+    sixteen = (amqp.publish(1, b"m" * 40) * 5) + amqp.heartbeat()  # 5 x 3 frames + 1
     # BPF_PROG_TEST_RUN takes at most one page of linear data (3712 bytes here), so the
     # largest segments are measured on real traffic by bench/gro.py.
     big_body = amqp.publish(1, b"b" * 3500)
     return [
         # name, packet, where the limiter's next frame header is (relative to SEQ), consumers
-        ("non-AMQP TCP (port 443, 1448 B)",
-         packets.tcp_packet(CLIENT, BROKER, SPORT, 443, SEQ, b"x" * 1448), 0, 0),
+        (
+            "non-AMQP TCP (port 443, 1448 B)",
+            packets.tcp_packet(CLIENT, BROKER, SPORT, 443, SEQ, b"x" * 1448),
+            0,
+            0,
+        ),
         ("heartbeat", amqp_packet(amqp.heartbeat()), 0, 0),
         ("publish, small (3 frames)", amqp_packet(small_publish), 0, 0),
         ("publish, 3.5 KiB (3 frames)", amqp_packet(big_body), 0, 0),
@@ -75,8 +79,9 @@ class Limiter:
         self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
 
     def prepare(self, header_at, consumers):
-        state = _layout.ConnState(epoch=1, next_hdr=SEQ + header_at, consumers=consumers,
-                                  synced=1, after_frame=1)
+        state = _layout.ConnState(
+            epoch=1, next_hdr=SEQ + header_at, consumers=consumers, synced=1, after_frame=1
+        )
         _bpfsys.map_update(self.dp.map_fds["conns"], self.key, bytes(state))
 
     def fd(self):
@@ -92,16 +97,21 @@ class Baseline:
     def __init__(self):
         with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
             self.bpf = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
-        self.fds = {name: self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
-                    for name in ("noop", "naive_limiter")}
+        self.fds = {
+            name: self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+            for name in ("noop", "naive_limiter")
+        }
         table = self.bpf[b"naive_consumers"]
         import socket
         import struct
 
-        key = table.Key(struct.unpack("I", socket.inet_aton(CLIENT))[0],
-                        struct.unpack("I", socket.inet_aton(BROKER))[0],
-                        socket.htons(SPORT), socket.htons(5672))
-        table[key] = ctypes.c_uint32(LIMIT)     # the naive limiter sits at its limit too
+        key = table.Key(
+            struct.unpack("I", socket.inet_aton(CLIENT))[0],
+            struct.unpack("I", socket.inet_aton(BROKER))[0],
+            socket.htons(SPORT),
+            socket.htons(5672),
+        )
+        table[key] = ctypes.c_uint32(LIMIT)  # the naive limiter sits at its limit too
 
     def close(self):
         self.bpf.cleanup()
@@ -123,8 +133,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=200000)
-    parser.add_argument("--before", metavar="TEMPLATE",
-                        help="also measure the limiter rendered from this template")
+    parser.add_argument(
+        "--before", metavar="TEMPLATE", help="also measure the limiter rendered from this template"
+    )
     args = parser.parse_args()
 
     ours, base = Limiter(), Baseline()
@@ -133,38 +144,55 @@ def main():
     try:
         rows = []
         for name, packet, header_at, consumers in cases():
+
             def restore(header_at=header_at, consumers=consumers):
                 for limiter in limiters:
                     limiter.prepare(header_at, consumers)
+
             # The same userspace step before every program's sample keeps caches comparable.
             fds = [base.fds["noop"], base.fds["naive_limiter"]] + [x.fd() for x in limiters]
             rows.append([name] + single_runs(fds, packet, args.samples, restore))
 
-        print("Median ns per packet, one run per sample after restoring state "
-              "(%d samples each)\n" % args.samples)
+        print(
+            "Median ns per packet, one run per sample after restoring state "
+            "(%d samples each)\n" % args.samples
+        )
         if older:
-            print("| case | no-op (floor) | naive limiter | before | rabbitguard | vs floor "
-                  "| vs naive | vs before |")
+            print(
+                "| case | no-op (floor) | naive limiter | before | rabbitguard | vs floor "
+                "| vs naive | vs before |"
+            )
             print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for name, noop, naive, mine, was in rows:
-                print("| %s | %d | %d | %d | %d | %.2fx | %.2fx | %.2fx |"
-                      % (name, noop, naive, was, mine, mine / noop, mine / naive, mine / was))
+                print(
+                    "| %s | %d | %d | %d | %d | %.2fx | %.2fx | %.2fx |"
+                    % (name, noop, naive, was, mine, mine / noop, mine / naive, mine / was)
+                )
         else:
             print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor | vs naive |")
             print("|---|---:|---:|---:|---:|---:|")
             for name, noop, naive, mine in rows:
-                print("| %s | %d | %d | %d | %.2fx | %.2fx |"
-                      % (name, noop, naive, mine, mine / noop, mine / naive))
+                print(
+                    "| %s | %d | %d | %d | %.2fx | %.2fx |"
+                    % (name, noop, naive, mine, mine / noop, mine / naive)
+                )
 
         print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
         print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")
         print("|---|---:|---:|---:|---:|")
         name, packet, _at, _n = cases()[0]
-        loop = {label: _bpfsys.prog_test_run(fd, packet, repeat=args.repeat)[1]
-                for label, fd in (("noop", base.fds["noop"]),
-                                  ("naive", base.fds["naive_limiter"]), ("ours", ours.fd()))}
-        print("| %s | %d | %d | %d | %.2fx |" % (name, loop["noop"], loop["naive"], loop["ours"],
-                                                 loop["ours"] / max(loop["noop"], 1)))
+        loop = {
+            label: _bpfsys.prog_test_run(fd, packet, repeat=args.repeat)[1]
+            for label, fd in (
+                ("noop", base.fds["noop"]),
+                ("naive", base.fds["naive_limiter"]),
+                ("ours", ours.fd()),
+            )
+        }
+        print(
+            "| %s | %d | %d | %d | %.2fx |"
+            % (name, loop["noop"], loop["naive"], loop["ours"], loop["ours"] / max(loop["noop"], 1))
+        )
     finally:
         for limiter in limiters:
             limiter.close()

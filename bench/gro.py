@@ -38,7 +38,8 @@ CLIENT, BROKER = "198.18.252.1", "198.18.252.2"
 PREF, HANDLE = 49152, 0x5247
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
-SINK = r"""
+SINK = (
+    r"""
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("%s", 5672)); s.listen(8)
@@ -47,7 +48,9 @@ while True:
     while c.recv(1 << 20):
         pass
     c.close()
-""" % BROKER
+"""
+    % BROKER
+)
 
 
 def sh(*argv):
@@ -119,9 +122,11 @@ def main():
     ours = Dataplane(limit=3, action="drop")
     with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
         base = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
-    programs = [("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd),
-                ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd),
-                ("rabbitguard", ours.function.fd)]
+    programs = [
+        ("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd),
+        ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd),
+        ("rabbitguard", ours.function.fd),
+    ]
     sink = None
     try:
         sink = setup()
@@ -141,16 +146,22 @@ def main():
 
     floor = rows[0][1]
     naive = rows[1][1]
-    print("Real traffic: one connection publishing %d-byte messages for %.0f s per program"
-          % (args.body, args.seconds))
+    print(
+        "Real traffic: one connection publishing %d-byte messages for %.0f s per program"
+        % (args.body, args.seconds)
+    )
     print("(kernel.bpf_stats_enabled run time / run count; packets are veth TSO segments)\n")
     print("| program | ns per packet | packets | vs floor | vs naive |")
     print("|---|---:|---:|---:|---:|")
     for name, ns, runs in rows:
         print("| %s | %.0f | %d | %.2fx | %.2fx |" % (name, ns, runs, ns / floor, ns / naive))
-    print("\nrabbitguard's counters for its run: %s" % ", ".join(
-        "%s %d" % (key, counters[key]) for key in ("segments", "amqp_segments", "resyncs",
-                                                   "unparsed")))
+    print(
+        "\nrabbitguard's counters for its run: %s"
+        % ", ".join(
+            "%s %d" % (key, counters[key])
+            for key in ("segments", "amqp_segments", "resyncs", "unparsed")
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,12 +55,29 @@ def teardown():
 
 
 def ansible(module, args):
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
-               ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"))
-    argv = [os.path.join(VENV_BIN, "ansible"), "localhost", "-c", "local", "-o",
-            "-m", module, "-a", args]
-    out = subprocess.run([sys.executable, "-c", _MEASURE] + argv, env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, check=True).stdout
+    env = dict(
+        os.environ,
+        PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+    )
+    argv = [
+        os.path.join(VENV_BIN, "ansible"),
+        "localhost",
+        "-c",
+        "local",
+        "-o",
+        "-m",
+        module,
+        "-a",
+        args,
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE] + argv,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        check=True,
+    ).stdout
     result = json.loads(out)
     if result["rc"] != 0:
         raise SystemExit("%s %s failed:\n%s" % (module, args, result["out"]))
@@ -79,8 +96,11 @@ def main():
         ("first apply", "rabbitguard.limiter.rabbit_tc_limit", limiter("limit=3")),
         ("no-change re-apply", "rabbitguard.limiter.rabbit_tc_limit", limiter("limit=3")),
         ("limit change", "rabbitguard.limiter.rabbit_tc_limit", limiter("limit=5")),
-        ("absent", "rabbitguard.limiter.rabbit_tc_limit",
-         "state=absent netns=%s interfaces=eth0 pin_dir=%s" % (NETNS, PIN_DIR)),
+        (
+            "absent",
+            "rabbitguard.limiter.rabbit_tc_limit",
+            "state=absent netns=%s interfaces=eth0 pin_dir=%s" % (NETNS, PIN_DIR),
+        ),
     ]
     baseline = ("baseline: command true", "ansible.builtin.command", "true")
     samples = {name: [] for name, _m, _a in [baseline] + steps}
@@ -95,15 +115,16 @@ def main():
 
     base_wall = statistics.median(s["wall"] for s in samples[baseline[0]])
     base_rss = statistics.median(s["rss_kib"] for s in samples[baseline[0]])
-    print("Median of %d rounds; each row is one `ansible localhost -c local` run\n"
-          % args.rounds)
+    print("Median of %d rounds; each row is one `ansible localhost -c local` run\n" % args.rounds)
     print("| step | wall s | vs baseline | peak RSS MiB | vs baseline |")
     print("|---|---:|---:|---:|---:|")
     for name in samples:
         wall = statistics.median(s["wall"] for s in samples[name])
         rss = statistics.median(s["rss_kib"] for s in samples[name])
-        print("| %s | %.2f | %.2fx | %.0f | %.2fx |"
-              % (name, wall, wall / base_wall, rss / 1024.0, rss / base_rss))
+        print(
+            "| %s | %.2f | %.2fx | %.0f | %.2fx |"
+            % (name, wall, wall / base_wall, rss / 1024.0, rss / base_rss)
+        )
 
 
 if __name__ == "__main__":

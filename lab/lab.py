@@ -159,16 +159,22 @@ class Config:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", self.prefix):
             raise LabError(
-                f"lab prefix {self.prefix!r}: use 1-6 lowercase letters or digits, letter first")
+                f"lab prefix {self.prefix!r}: use 1-6 lowercase letters or digits, letter first"
+            )
         if not 0 <= self.subnet <= 255:
             raise LabError(f"lab subnet index {self.subnet}: use 0-255")
         if not os.path.isabs(self.state_dir):
             raise LabError(f"lab state dir {self.state_dir!r}: must be an absolute path")
         for path in self.extra_private_dirs:
-            if (not os.path.isabs(path) or os.path.normpath(path) in ("/", "/proc", "/sys", "/dev")
-                    or not re.fullmatch(r"[A-Za-z0-9_./+-]+", path)):
-                raise LabError(f"lab private dir {path!r}: use an absolute path (not /, /proc, "
-                               "/sys, /dev) of letters, digits and _./+-")
+            if (
+                not os.path.isabs(path)
+                or os.path.normpath(path) in ("/", "/proc", "/sys", "/dev")
+                or not re.fullmatch(r"[A-Za-z0-9_./+-]+", path)
+            ):
+                raise LabError(
+                    f"lab private dir {path!r}: use an absolute path (not /, /proc, "
+                    "/sys, /dev) of letters, digits and _./+-"
+                )
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Config:
@@ -183,8 +189,9 @@ class Config:
         if prefix != DEFAULT_PREFIX:
             default_dir = f"{DEFAULT_STATE_DIR}-{prefix}"
         state_dir = env.get("RG_LAB_STATE_DIR") or default_dir
-        extra = tuple(os.path.normpath(p) for p in (env.get("RG_LAB_PRIVATE_DIRS") or "").split(":")
-                      if p)
+        extra = tuple(
+            os.path.normpath(p) for p in (env.get("RG_LAB_PRIVATE_DIRS") or "").split(":") if p
+        )
         return cls(prefix=prefix, subnet=subnet, state_dir=state_dir, extra_private_dirs=extra)
 
     @property
@@ -406,11 +413,17 @@ def render_inventory(cfg: Config | None = None, count: int = DEFAULT_COUNT) -> s
 # --------------------------------------------------------------------------------------------
 
 
-def _cmd(argv: list[str], check: bool = True, timeout: float = 60.0, env: dict | None = None,
-         what: str | None = None) -> subprocess.CompletedProcess:
+def _cmd(
+    argv: list[str],
+    check: bool = True,
+    timeout: float = 60.0,
+    env: dict | None = None,
+    what: str | None = None,
+) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
     except FileNotFoundError:
         raise LabError(f"{what or 'running ' + argv[0]}: {argv[0]} not found") from None
     except subprocess.TimeoutExpired:
@@ -554,13 +567,23 @@ def _require_root() -> None:
 
 def _check_prerequisites() -> None:
     missing = []
-    for tool, package in (("ip", "iproute2"), ("ssh-keygen", "openssh-client"),
-                          ("nsenter", "util-linux"), ("setpriv", "util-linux"),
-                          ("unshare", "util-linux"), ("mount", "mount"), ("sysctl", "procps")):
+    for tool, package in (
+        ("ip", "iproute2"),
+        ("ssh-keygen", "openssh-client"),
+        ("nsenter", "util-linux"),
+        ("setpriv", "util-linux"),
+        ("unshare", "util-linux"),
+        ("mount", "mount"),
+        ("sysctl", "procps"),
+    ):
         if shutil.which(tool) is None:
             missing.append(f"{tool} ({package})")
-    for path, package in ((SSHD, "openssh-server"), (RABBITMQ_SERVER, "rabbitmq-server"),
-                          (RABBITMQCTL, "rabbitmq-server"), (EPMD, "erlang-base")):
+    for path, package in (
+        (SSHD, "openssh-server"),
+        (RABBITMQ_SERVER, "rabbitmq-server"),
+        (RABBITMQCTL, "rabbitmq-server"),
+        (EPMD, "erlang-base"),
+    ):
         if not os.access(path, os.X_OK):
             missing.append(f"{path} ({package})")
     for path in PRIVATE_DIRS:
@@ -575,8 +598,10 @@ def _check_prerequisites() -> None:
     except KeyError:
         missing.append("user sshd (openssh-server)")
     if missing:
-        raise LabError("missing prerequisites: " + ", ".join(missing) + "; install them with "
-                       "apt-get install iproute2 openssh-server rabbitmq-server util-linux procps")
+        raise LabError(
+            "missing prerequisites: " + ", ".join(missing) + "; install them with "
+            "apt-get install iproute2 openssh-server rabbitmq-server util-linux procps"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,8 +636,7 @@ def _keeper_main(state_dir: str) -> int:
     """Spawn lab daemons on request and reap them (and their orphans) until SIGTERM."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print(f"keeper: prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}",
-              file=sys.stderr)
+        print(f"keeper: prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}", file=sys.stderr)
         return 1
     # Daemons inherit this: brokers and sshd sessions should not run out of descriptors at the
     # caller's (often 1024) soft limit.
@@ -647,8 +671,11 @@ def _keeper_main(state_dir: str) -> int:
             if popen is not None:
                 popen.returncode = code
             how = f"signal {-code}" if code < 0 else f"exit {code}"
-            print(f"keeper: reaped {pid} ({'lab daemon' if popen else 'orphan'}): {how}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"keeper: reaped {pid} ({'lab daemon' if popen else 'orphan'}): {how}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def handle(conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as stream:
@@ -658,17 +685,25 @@ def _keeper_main(state_dir: str) -> int:
                 with open(request["log"], "ab") as logf:
                     try:
                         popen = subprocess.Popen(  # noqa: S603 - argv comes from lab.py itself
-                            request["argv"], env=request["env"], stdin=subprocess.DEVNULL,
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            close_fds=True)
+                            request["argv"],
+                            env=request["env"],
+                            stdin=subprocess.DEVNULL,
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            close_fds=True,
+                        )
                     except OSError as exc:
                         reply = {"error": f"{request['argv'][0]}: {exc}"}
                     else:
                         spawned[popen.pid] = popen
                         stat = _proc_stat(popen.pid)
                         reply = {"pid": popen.pid, "start": stat[2] if stat else 0}
-                        print(f"keeper: spawned {popen.pid}: {' '.join(request['argv'])}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"keeper: spawned {popen.pid}: {' '.join(request['argv'])}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             else:
                 reply = {"pid": os.getpid()}
             stream.write(json.dumps(reply).encode() + b"\n")
@@ -743,8 +778,12 @@ def _start_keeper(cfg: Config) -> _Keeper:
     with log:
         popen = subprocess.Popen(  # noqa: S603
             [sys.executable, os.path.abspath(__file__), "_keeper", cfg.state_dir],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + 10
     stat = None
     while time.monotonic() < deadline:
@@ -786,8 +825,10 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
     host_key = os.path.join(cfg.state_dir, "ssh_host_ed25519_key")
     for key, comment in ((cfg.ssh_key, "rabbitguard-lab"), (host_key, "rabbitguard-lab-host")):
         if not os.path.exists(key):
-            _cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
-                 what=f"generating {key}")
+            _cmd(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
+                what=f"generating {key}",
+            )
             changes.add(f"generated {key}")
     with open(cfg.ssh_key + ".pub", encoding="utf-8") as handle:
         if _write_if_changed(os.path.join(cfg.state_dir, "authorized_keys"), handle.read(), 0o600):
@@ -841,8 +882,11 @@ def _ensure_network(cfg: Config, hosts_: list[Host], changes: _Changes) -> None:
         _ip("link", "add", br, "type", "bridge", "forward_delay", "0", "stp_state", "0")
         changes.add(f"created bridge {br}")
     _set_sysctl(f"/proc/sys/net/ipv6/conf/{br}/accept_dad", "0")
-    addrs = {(a["local"], a["prefixlen"]) for link in _ip_json("addr", "show", "dev", br)
-             for a in link.get("addr_info", [])}
+    addrs = {
+        (a["local"], a["prefixlen"])
+        for link in _ip_json("addr", "show", "dev", br)
+        for a in link.get("addr_info", [])
+    }
     for addr, plen, extra in ((cfg.gateway4, 24, ()), (cfg.gateway6, 64, ("nodad",))):
         if (addr, plen) not in addrs:
             _ip("addr", "replace", f"{addr}/{plen}", "dev", br, *extra)
@@ -858,9 +902,20 @@ def _ensure_network(cfg: Config, hosts_: list[Host], changes: _Changes) -> None:
             _ip("netns", "add", ns)
             changes.add(f"created netns {ns}")
         # Before eth0 exists, so that it inherits "no DAD": addresses usable at once.
-        _cmd(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
-              "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"],
-             what=f"{ns}: disabling IPv6 DAD")
+        _cmd(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+            what=f"{ns}: disabling IPv6 DAD",
+        )
         veth_here, eth_there = _link_exists(host.veth), _link_exists(IFACE, ns)
         if not (veth_here and eth_there):
             # Half a pair (e.g. the netns was deleted and recreated): start over with a new pair.
@@ -978,26 +1033,51 @@ def _wait(predicate, timeout: float, what: str, log_path: str, rec: dict) -> Non
             return
         if not _alive(rec):
             raise LabError(
-                f"{what}: process {rec['pid']} exited; log {log_path}:\n{_tail(log_path)}")
+                f"{what}: process {rec['pid']} exited; log {log_path}:\n{_tail(log_path)}"
+            )
         time.sleep(0.05)
-    raise LabError(
-        f"{what}: not ready after {timeout:.0f} s; log {log_path}:\n{_tail(log_path)}")
+    raise LabError(f"{what}: not ready after {timeout:.0f} s; log {log_path}:\n{_tail(log_path)}")
 
 
 def _await_broker(host: Host, rec: dict, sshd_pid: int) -> float:
     began = time.monotonic()
     log_path = os.path.join(host.dir, "rabbitmq.out")
-    _wait(lambda: _tcp_open(host.ipv4, AMQP_PORT), BROKER_TIMEOUT,
-          f"{host.name}: RabbitMQ on {host.ipv4}:{AMQP_PORT}", log_path, rec)
-    _cmd(_in_host(sshd_pid, "rabbitmq", [RABBITMQCTL, "-n", RABBITMQ_NODE, "await_startup",
-                                          "--timeout", str(int(BROKER_TIMEOUT))]),
-         env=_rabbit_env(), timeout=BROKER_TIMEOUT + 10,
-         what=f"{host.name}: rabbitmqctl await_startup")
+    _wait(
+        lambda: _tcp_open(host.ipv4, AMQP_PORT),
+        BROKER_TIMEOUT,
+        f"{host.name}: RabbitMQ on {host.ipv4}:{AMQP_PORT}",
+        log_path,
+        rec,
+    )
+    _cmd(
+        _in_host(
+            sshd_pid,
+            "rabbitmq",
+            [
+                RABBITMQCTL,
+                "-n",
+                RABBITMQ_NODE,
+                "await_startup",
+                "--timeout",
+                str(int(BROKER_TIMEOUT)),
+            ],
+        ),
+        env=_rabbit_env(),
+        timeout=BROKER_TIMEOUT + 10,
+        what=f"{host.name}: rabbitmqctl await_startup",
+    )
     return time.monotonic() - began
 
 
-def _ensure_processes(cfg: Config, hosts_: list[Host], state: dict, keeper: _Keeper,
-                      dirty: set[str], changes: _Changes, log) -> None:
+def _ensure_processes(
+    cfg: Config,
+    hosts_: list[Host],
+    state: dict,
+    keeper: _Keeper,
+    dirty: set[str],
+    changes: _Changes,
+    log,
+) -> None:
     procs = state.setdefault("hosts", {})
     restart: dict[str, set[str]] = {}
     for host in hosts_:
@@ -1009,8 +1089,9 @@ def _ensure_processes(cfg: Config, hosts_: list[Host], state: dict, keeper: _Kee
             if need or host.name in dirty or not _component_ok(recs.get(comp), host.netns):
                 need.add(comp)
         restart[host.name] = need
-        stale = [(f"{host.name} {c}", recs[c]) for c in reversed(COMPONENTS)
-                 if c in need and recs.get(c)]
+        stale = [
+            (f"{host.name} {c}", recs[c]) for c in reversed(COMPONENTS) if c in need and recs.get(c)
+        ]
         if stale:
             _stop_records(stale, STOP_TIMEOUT, log)
         for comp in need:
@@ -1037,17 +1118,33 @@ def _ensure_processes(cfg: Config, hosts_: list[Host], state: dict, keeper: _Kee
         return procs[host.name]["sshd"]["pid"]
 
     # sshd first: it is the anchor of the host's mount and UTS namespaces.
-    for host, rec, log_path in start("sshd", lambda h: _host_init_argv(cfg, h), path_env,
-                                     "sshd.log"):
-        _wait(lambda h=host: _tcp_open(h.ipv4, 22), SSHD_TIMEOUT,
-              f"{host.name}: sshd on {host.ipv4}:22", log_path, rec)
+    for host, rec, log_path in start(
+        "sshd", lambda h: _host_init_argv(cfg, h), path_env, "sshd.log"
+    ):
+        _wait(
+            lambda h=host: _tcp_open(h.ipv4, 22),
+            SSHD_TIMEOUT,
+            f"{host.name}: sshd on {host.ipv4}:22",
+            log_path,
+            rec,
+        )
     # Our own epmd, so that its PID is known (the one erl would start daemonizes itself).
-    for host, rec, log_path in start("epmd", lambda h: _in_host(sshd_pid(h), "rabbitmq", [EPMD]),
-                                     _rabbit_env(), "epmd.log"):
-        _wait(lambda h=host: _tcp_open(h.ipv4, 4369), EPMD_TIMEOUT,
-              f"{host.name}: epmd on {host.ipv4}:4369", log_path, rec)
-    brokers = start("rabbitmq", lambda h: _in_host(sshd_pid(h), "rabbitmq", [RABBITMQ_SERVER]),
-                    _rabbit_env(), "rabbitmq.out")
+    for host, rec, log_path in start(
+        "epmd", lambda h: _in_host(sshd_pid(h), "rabbitmq", [EPMD]), _rabbit_env(), "epmd.log"
+    ):
+        _wait(
+            lambda h=host: _tcp_open(h.ipv4, 4369),
+            EPMD_TIMEOUT,
+            f"{host.name}: epmd on {host.ipv4}:4369",
+            log_path,
+            rec,
+        )
+    brokers = start(
+        "rabbitmq",
+        lambda h: _in_host(sshd_pid(h), "rabbitmq", [RABBITMQ_SERVER]),
+        _rabbit_env(),
+        "rabbitmq.out",
+    )
     if not brokers:
         return
     log(f"waiting for {len(brokers)} RabbitMQ node(s)")
@@ -1081,13 +1178,16 @@ def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
         count = n or state.get("count") or DEFAULT_COUNT
         if state.get("count") and state["count"] != count:
             raise LabError(
-                f"the lab has {state['count']} hosts, not {count}: run `lab.py down` first")
+                f"the lab has {state['count']} hosts, not {count}: run `lab.py down` first"
+            )
         hosts_ = cfg.hosts(count)
         changes = _Changes(log)
         record = json.loads(json.dumps(dataclasses.asdict(cfg)))
         if state.get("config") and state["config"] != record:
-            raise LabError(f"the lab in {cfg.state_dir} was made with other settings "
-                           f"({state['config']}): run `lab.py down` first")
+            raise LabError(
+                f"the lab in {cfg.state_dir} was made with other settings "
+                f"({state['config']}): run `lab.py down` first"
+            )
         dirty = _ensure_files(cfg, hosts_, count, changes)
         state.update({"count": count, "config": record})
         _ensure_mountpoints(cfg, state, changes)
@@ -1124,8 +1224,11 @@ def down(cfg: Config | None = None, log=_log) -> None:
         pattern = re.compile(rf"{re.escape(cfg.prefix)}-{HOST_NAME.format('')}\d+")
         netnses = sorted(n for n in _netns_list() if pattern.fullmatch(n))
         for comp, timeout in (("rabbitmq", STOP_TIMEOUT), ("epmd", 5.0), ("sshd", 5.0)):
-            recs = [(f"{name} {comp}", host_recs[comp]) for name, host_recs in procs.items()
-                    if host_recs.get(comp)]
+            recs = [
+                (f"{name} {comp}", host_recs[comp])
+                for name, host_recs in procs.items()
+                if host_recs.get(comp)
+            ]
             _stop_records(recs, timeout, log)
             for label, rec in recs:
                 log(f"stopped {label} (pid {rec['pid']})")
@@ -1139,8 +1242,10 @@ def down(cfg: Config | None = None, log=_log) -> None:
         for netns in netnses:
             left = _netns_pids(netns)
             if left:
-                log(f"{netns}: processes still inside (not stopped by recorded PID): "
-                    f"{left}: SIGKILL")
+                log(
+                    f"{netns}: processes still inside (not stopped by recorded PID): "
+                    f"{left}: SIGKILL"
+                )
                 for pid in left:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -1215,8 +1320,14 @@ def status(cfg: Config | None = None) -> list[dict]:
     return result
 
 
-def run(host: str, argv: list[str], user: str | None = None, cfg: Config | None = None,
-        check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def run(
+    host: str,
+    argv: list[str],
+    user: str | None = None,
+    cfg: Config | None = None,
+    check: bool = True,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess:
     """Run argv inside a lab host (its netns, mount and UTS namespaces), from the root namespace.
 
     ``run("rabbit1", ["rabbitmqctl", "list_consumers"])`` works like on a Debian host.
@@ -1226,8 +1337,13 @@ def run(host: str, argv: list[str], user: str | None = None, cfg: Config | None 
     if not _alive(recs.get("sshd")):
         raise LabError(f"lab host {host} is not up")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    return _cmd(_in_host(recs["sshd"]["pid"], user, argv), check=check, timeout=timeout, env=env,
-                what=f"{host}: {' '.join(argv)}")
+    return _cmd(
+        _in_host(recs["sshd"]["pid"], user, argv),
+        check=check,
+        timeout=timeout,
+        env=env,
+        what=f"{host}: {' '.join(argv)}",
+    )
 
 
 @contextlib.contextmanager
@@ -1235,8 +1351,7 @@ def running(n: int | None = None, cfg: Config | None = None, log=_log):
     """``with running() as hosts:`` brings the lab up and takes it down afterwards, unless it
     was already fully up before (a developer's lab is left as it was)."""
     cfg = cfg or Config.from_env()
-    was_up = (os.path.exists(cfg.state_file)
-              and all(entry["state"] == "up" for entry in status(cfg)))
+    was_up = os.path.exists(cfg.state_file) and all(entry["state"] == "up" for entry in status(cfg))
     try:
         yield up(n=n, cfg=cfg, log=log)
     finally:
@@ -1252,16 +1367,23 @@ def running(n: int | None = None, cfg: Config | None = None, log=_log):
 def _format_status(entry: dict) -> str:
     pids = " ".join(f"{c}={entry['pids'].get(c, '-')}" for c in COMPONENTS)
     missing = f"  missing: {','.join(entry['missing'])}" if entry["state"] == "partial" else ""
-    return (f"{entry['name']:<8} {entry['state']:<7} {entry['netns']:<12} {entry['ipv4']:<13} "
-            f"{entry['ipv6']:<18} {pids}{missing}")
+    return (
+        f"{entry['name']:<8} {entry['state']:<7} {entry['netns']:<12} {entry['ipv4']:<13} "
+        f"{entry['ipv6']:<18} {pids}{missing}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lab.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="bring the lab up (idempotent)")
-    p_up.add_argument("-n", "--hosts", type=int, default=None,
-                      help=f"number of hosts (default: as running, else {DEFAULT_COUNT})")
+    p_up.add_argument(
+        "-n",
+        "--hosts",
+        type=int,
+        default=None,
+        help=f"number of hosts (default: as running, else {DEFAULT_COUNT})",
+    )
     p_up.add_argument("--json", action="store_true", help="print the hosts as JSON on stdout")
     sub.add_parser("down", help="stop and remove everything")
     p_status = sub.add_parser("status", help="one line per host; exit 0 when all are up")

@@ -27,37 +27,52 @@ import pika.exceptions
 
 def run(args):
     params = pika.ConnectionParameters(
-        host=args.host, port=args.port, virtual_host=args.vhost,
+        host=args.host,
+        port=args.port,
+        virtual_host=args.vhost,
         credentials=pika.PlainCredentials(args.user, args.password),
-        heartbeat=args.heartbeat, socket_timeout=args.timeout,
-        blocked_connection_timeout=args.timeout, stack_timeout=args.timeout * 2,
-        connection_attempts=1)
+        heartbeat=args.heartbeat,
+        socket_timeout=args.timeout,
+        blocked_connection_timeout=args.timeout,
+        stack_timeout=args.timeout * 2,
+        connection_attempts=1,
+    )
     started = time.monotonic()
     try:
         connection = pika.BlockingConnection(params)
     except pika.exceptions.AMQPError as e:
-        return {"host": args.host, "connected": False, "consumers": 0,
-                "stopped_by": "%s: %s" % (type(e).__name__, e)}
+        return {
+            "host": args.host,
+            "connected": False,
+            "consumers": 0,
+            "stopped_by": "%s: %s" % (type(e).__name__, e),
+        }
     channels = [connection.channel() for _ in range(args.channels)]
     queue = channels[0].queue_declare("", exclusive=True, auto_delete=True).method.queue
     count, stopped_by = 0, None
     try:
         while count < args.max:
             channels[count % len(channels)].basic_consume(
-                queue, on_message_callback=lambda *a: None, auto_ack=True)
+                queue, on_message_callback=lambda *a: None, auto_ack=True
+            )
             count += 1
         if args.hold:
-            connection.sleep(args.hold)     # keeps heartbeats going
+            connection.sleep(args.hold)  # keeps heartbeats going
     except (pika.exceptions.AMQPError, OSError) as e:
         stopped_by = "%s: %s" % (type(e).__name__, e or "connection lost")
     finally:
         if connection.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 connection.close()
-    return {"host": args.host, "port": args.port, "connected": True, "consumers": count,
-            "refused": stopped_by is not None, "stopped_by": stopped_by or
-            "reached --max %d without being refused" % args.max,
-            "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "host": args.host,
+        "port": args.port,
+        "connected": True,
+        "consumers": count,
+        "refused": stopped_by is not None,
+        "stopped_by": stopped_by or "reached --max %d without being refused" % args.max,
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def main(argv=None):
@@ -69,11 +84,20 @@ def main(argv=None):
     parser.add_argument("--vhost", default="/")
     parser.add_argument("--channels", type=int, default=2, help="spread consumers over these")
     parser.add_argument("--max", type=int, default=1000, help="stop after this many consumers")
-    parser.add_argument("--heartbeat", type=int, default=2, help="seconds (short: a dropped "
-                        "consume stalls the connection until the heartbeat gives up)")
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=2,
+        help="seconds (short: a dropped "
+        "consume stalls the connection until the heartbeat gives up)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="socket timeout, seconds")
-    parser.add_argument("--hold", type=float, default=0, help="when --max is reached, keep "
-                        "the connection open this many seconds")
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0,
+        help="when --max is reached, keep the connection open this many seconds",
+    )
     parser.add_argument("--expect", type=int, help="exit 1 unless exactly this many consumers")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -85,15 +109,24 @@ def main(argv=None):
     elif not result["connected"]:
         print("faulty client: could not connect to %s: %s" % (args.host, result["stopped_by"]))
     else:
-        print("faulty client: %s:%d: got %d consumers on one connection, then %s (%.2f s)"
-              % (args.host, args.port, result["consumers"],
-                 "refused: " + result["stopped_by"] if result["refused"] else
-                 result["stopped_by"], result["seconds"]))
+        print(
+            "faulty client: %s:%d: got %d consumers on one connection, then %s (%.2f s)"
+            % (
+                args.host,
+                args.port,
+                result["consumers"],
+                "refused: " + result["stopped_by"] if result["refused"] else result["stopped_by"],
+                result["seconds"],
+            )
+        )
     if not result["connected"]:
         return 2
     if args.expect is not None and result["consumers"] != args.expect:
-        print("faulty client: expected exactly %d consumers, got %d"
-              % (args.expect, result["consumers"]), file=sys.stderr)
+        print(
+            "faulty client: expected exactly %d consumers, got %d"
+            % (args.expect, result["consumers"]),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

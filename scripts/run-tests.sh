@@ -7,7 +7,7 @@
 #
 # Steps:
 #   1. scripts/setup-host.sh (root only; idempotent, seconds when nothing is missing)
-#   2. lint: ruff check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks),
+#   2. lint: ruff check, ruff format --check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks),
 #      antsibull-changelog lint, ansible-test sanity (on the built collection)
 #   3. pytest over tests/ (all markers: unit, bpf, integration), with a JUnit report
 #   4. Molecule scenarios, when extensions/molecule/ exists (`molecule test --all`)
@@ -110,6 +110,7 @@ if skip_step RUN_TESTS_SKIP_LINT; then
     record lint skip "RUN_TESTS_SKIP_LINT=1"
 else
     run_lint ruff ruff check "${REPO}"
+    run_lint ruff-format ruff format --check "${REPO}"
     run_lint yamllint yamllint --strict "${REPO}"
     mapfile -t shell_files < <(
         find scripts .ci -maxdepth 2 -type f \( -name '*.sh' -o -path '.ci/run' \) 2>/dev/null | sort

@@ -204,6 +204,6 @@ def pytest_make_collect_report(collector):
     if in_ci() and report.skipped:
         # e.g. a module-level pytest.importorskip("bcc"): the whole module would not run.
         report.outcome = "failed"
-        report.longrepr = (
-            "CI=true: module skipped at collection, so not run: %s" % _skip_reason(report)
+        report.longrepr = "CI=true: module skipped at collection, so not run: %s" % _skip_reason(
+            report
         )

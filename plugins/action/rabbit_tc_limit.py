@@ -38,7 +38,11 @@ class ActionModule(ActionBase):
                 module_args["_template"] = handle.read()
         except (IOError, OSError) as e:
             raise AnsibleActionFail("reading the classifier template %s: %s" % (path, e))
-        result.update(self._execute_module(
-            module_name="rabbitguard.limiter.rabbit_tc_limit", module_args=module_args,
-            task_vars=task_vars))
+        result.update(
+            self._execute_module(
+                module_name="rabbitguard.limiter.rabbit_tc_limit",
+                module_args=module_args,
+                task_vars=task_vars,
+            )
+        )
         return result

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from ._errors import LimiterError
 
-_NR_BPF = {'x86_64': 321, 'aarch64': 280}
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 # enum bpf_cmd
 BPF_MAP_LOOKUP_ELEM = 1
@@ -43,81 +43,125 @@ BPF_EXIST = 2
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_FS_MAGIC = 0xCAFE4A11
-POSSIBLE_CPUS_PATH = '/sys/devices/system/cpu/possible'
+POSSIBLE_CPUS_PATH = "/sys/devices/system/cpu/possible"
 
 
 class _MapElemAttr(ctypes.Structure):
     # BPF_MAP_*_ELEM, BPF_MAP_GET_NEXT_KEY; 'value' doubles as next_key
-    _fields_ = [('map_fd', ctypes.c_uint32), ('_pad', ctypes.c_uint32),
-                ('key', ctypes.c_uint64), ('value', ctypes.c_uint64),
-                ('flags', ctypes.c_uint64)]
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
 
 
 class _ObjAttr(ctypes.Structure):
     # BPF_OBJ_PIN, BPF_OBJ_GET
-    _fields_ = [('pathname', ctypes.c_uint64), ('bpf_fd', ctypes.c_uint32),
-                ('file_flags', ctypes.c_uint32)]
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
 
 
 class _TestRunAttr(ctypes.Structure):
     # BPF_PROG_TEST_RUN ('test' member of the union); duration is ns per run
-    _fields_ = [('prog_fd', ctypes.c_uint32), ('retval', ctypes.c_uint32),
-                ('data_size_in', ctypes.c_uint32), ('data_size_out', ctypes.c_uint32),
-                ('data_in', ctypes.c_uint64), ('data_out', ctypes.c_uint64),
-                ('repeat', ctypes.c_uint32), ('duration', ctypes.c_uint32),
-                ('ctx_size_in', ctypes.c_uint32), ('ctx_size_out', ctypes.c_uint32),
-                ('ctx_in', ctypes.c_uint64), ('ctx_out', ctypes.c_uint64)]
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+    ]
 
 
 class _GetIdAttr(ctypes.Structure):
     # BPF_*_GET_FD_BY_ID
-    _fields_ = [('id', ctypes.c_uint32), ('next_id', ctypes.c_uint32),
-                ('open_flags', ctypes.c_uint32)]
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
 
 
 class _InfoAttr(ctypes.Structure):
     # BPF_OBJ_GET_INFO_BY_FD
-    _fields_ = [('bpf_fd', ctypes.c_uint32), ('info_len', ctypes.c_uint32),
-                ('info', ctypes.c_uint64)]
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
 
 
 class _ProgInfo(ctypes.Structure):
     # struct bpf_prog_info up to 'verified_insns' (5.16); the kernel fills min(its size,
     # ours), so older kernels leave the later fields zero.
-    _fields_ = [('type', ctypes.c_uint32), ('id', ctypes.c_uint32),
-                ('tag', ctypes.c_uint8 * 8),
-                ('jited_prog_len', ctypes.c_uint32), ('xlated_prog_len', ctypes.c_uint32),
-                ('jited_prog_insns', ctypes.c_uint64), ('xlated_prog_insns', ctypes.c_uint64),
-                ('load_time', ctypes.c_uint64), ('created_by_uid', ctypes.c_uint32),
-                ('nr_map_ids', ctypes.c_uint32), ('map_ids', ctypes.c_uint64),
-                ('name', ctypes.c_char * 16),
-                ('ifindex', ctypes.c_uint32), ('gpl_compatible', ctypes.c_uint32),
-                ('netns_dev', ctypes.c_uint64), ('netns_ino', ctypes.c_uint64),
-                ('nr_jited_ksyms', ctypes.c_uint32), ('nr_jited_func_lens', ctypes.c_uint32),
-                ('jited_ksyms', ctypes.c_uint64), ('jited_func_lens', ctypes.c_uint64),
-                ('btf_id', ctypes.c_uint32), ('func_info_rec_size', ctypes.c_uint32),
-                ('func_info', ctypes.c_uint64), ('nr_func_info', ctypes.c_uint32),
-                ('nr_line_info', ctypes.c_uint32), ('line_info', ctypes.c_uint64),
-                ('jited_line_info', ctypes.c_uint64), ('nr_jited_line_info', ctypes.c_uint32),
-                ('line_info_rec_size', ctypes.c_uint32),
-                ('jited_line_info_rec_size', ctypes.c_uint32),
-                ('nr_prog_tags', ctypes.c_uint32), ('prog_tags', ctypes.c_uint64),
-                ('run_time_ns', ctypes.c_uint64), ('run_cnt', ctypes.c_uint64),
-                ('recursion_misses', ctypes.c_uint64), ('verified_insns', ctypes.c_uint32)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+    ]
 
 
 class _MapInfo(ctypes.Structure):
     # struct bpf_map_info up to 'name'
-    _fields_ = [('type', ctypes.c_uint32), ('id', ctypes.c_uint32),
-                ('key_size', ctypes.c_uint32), ('value_size', ctypes.c_uint32),
-                ('max_entries', ctypes.c_uint32), ('map_flags', ctypes.c_uint32),
-                ('name', ctypes.c_char * 16)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
 
 
 class _Statfs(ctypes.Structure):
     # struct statfs starts with a long f_type on both LP64 targets; the rest is
     # room for the remaining fields (120 bytes in all on x86_64 and aarch64)
-    _fields_ = [('f_type', ctypes.c_long), ('_rest', ctypes.c_uint8 * 248)]
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_uint8 * 248)]
 
 
 _libc = None
@@ -135,16 +179,22 @@ def _bpf(cmd, attr, what, tolerate=()):
     """Run one bpf(2) command; returns its result, or -errno for errnos in tolerate."""
     machine = os.uname()[4]
     if machine not in _NR_BPF:
-        raise LimiterError('%s: bpf(2) on unsupported architecture %s (supported: %s)'
-                           % (what, machine, ', '.join(sorted(_NR_BPF))))
+        raise LimiterError(
+            "%s: bpf(2) on unsupported architecture %s (supported: %s)"
+            % (what, machine, ", ".join(sorted(_NR_BPF)))
+        )
     nr = _NR_BPF[machine]
-    ret = _get_libc().syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr),
-                              ctypes.c_long(ctypes.sizeof(attr)))
+    ret = _get_libc().syscall(
+        ctypes.c_long(nr),
+        ctypes.c_long(cmd),
+        ctypes.byref(attr),
+        ctypes.c_long(ctypes.sizeof(attr)),
+    )
     if ret < 0:
         err = ctypes.get_errno()
         if err in tolerate:
             return -err
-        raise LimiterError('%s: %s' % (what, os.strerror(err)), {'errno': err})
+        raise LimiterError("%s: %s" % (what, os.strerror(err)), {"errno": err})
     return ret
 
 
@@ -153,7 +203,7 @@ def _addr(obj):
 
 
 def _cstr(raw):
-    return raw.split(b'\0', 1)[0].decode('ascii', 'replace')
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 def close(fd):
@@ -173,18 +223,19 @@ def owned_fd(fd):
 
 # -- pinned objects ----------------------------------------------------------
 
+
 def obj_get(path):
     """Open the program or map pinned at path; returns a new fd."""
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = _ObjAttr(pathname=_addr(cpath))
-    return _bpf(BPF_OBJ_GET, attr, 'opening pinned BPF object %s' % path)
+    return _bpf(BPF_OBJ_GET, attr, "opening pinned BPF object %s" % path)
 
 
 def obj_pin(fd, path):
     """Pin the program or map behind fd at path (a new name on a bpffs)."""
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = _ObjAttr(pathname=_addr(cpath), bpf_fd=fd)
-    _bpf(BPF_OBJ_PIN, attr, 'pinning BPF object fd %d at %s' % (fd, path))
+    _bpf(BPF_OBJ_PIN, attr, "pinning BPF object fd %d at %s" % (fd, path))
 
 
 def is_bpffs(path):
@@ -194,12 +245,14 @@ def is_bpffs(path):
         err = ctypes.get_errno()
         if err in (errno.ENOENT, errno.ENOTDIR):
             return False
-        raise LimiterError('checking filesystem type of %s: %s' % (path, os.strerror(err)),
-                           {'errno': err})
+        raise LimiterError(
+            "checking filesystem type of %s: %s" % (path, os.strerror(err)), {"errno": err}
+        )
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
 # -- programs ----------------------------------------------------------------
+
 
 def _get_info(fd, info, what):
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
@@ -211,30 +264,30 @@ def prog_info(fd):
     """dict(id, tag (16 hex digits, as bpftool and tc show it), name, type, map_ids,
     run_time_ns and run_cnt (counted while sysctl kernel.bpf_stats_enabled is 1),
     verified_insns)."""
-    what = 'reading info of BPF program fd %d' % fd
+    what = "reading info of BPF program fd %d" % fd
     info = _get_info(fd, _ProgInfo(), what)
     map_ids = []
     if info.nr_map_ids:
         ids = (ctypes.c_uint32 * info.nr_map_ids)()
         again = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=_addr(ids))
         _get_info(fd, again, what)
-        map_ids = list(ids)[:again.nr_map_ids]
+        map_ids = list(ids)[: again.nr_map_ids]
     return {
-        'id': info.id,
-        'tag': bytes(bytearray(info.tag)).hex(),
-        'name': _cstr(info.name),
-        'type': info.type,
-        'map_ids': map_ids,
-        'run_time_ns': info.run_time_ns,
-        'run_cnt': info.run_cnt,
-        'verified_insns': info.verified_insns,
+        "id": info.id,
+        "tag": bytes(bytearray(info.tag)).hex(),
+        "name": _cstr(info.name),
+        "type": info.type,
+        "map_ids": map_ids,
+        "run_time_ns": info.run_time_ns,
+        "run_cnt": info.run_cnt,
+        "verified_insns": info.verified_insns,
     }
 
 
 def prog_get_fd_by_id(prog_id):
     """Open the loaded program with this id; returns a new fd."""
     attr = _GetIdAttr(id=prog_id)
-    return _bpf(BPF_PROG_GET_FD_BY_ID, attr, 'opening BPF program id %d' % prog_id)
+    return _bpf(BPF_PROG_GET_FD_BY_ID, attr, "opening BPF program id %d" % prog_id)
 
 
 def prog_test_run(prog_fd, data, repeat=1, data_out_size=None):
@@ -248,33 +301,41 @@ def prog_test_run(prog_fd, data, repeat=1, data_out_size=None):
     size_out = data_out_size if data_out_size is not None else len(data) + 256
     buf_in = ctypes.create_string_buffer(data, len(data))
     buf_out = ctypes.create_string_buffer(max(size_out, 1))
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=size_out,
-                        data_in=_addr(buf_in), data_out=_addr(buf_out), repeat=repeat)
-    _bpf(BPF_PROG_TEST_RUN, attr,
-         'test-running BPF program fd %d on %d bytes' % (prog_fd, len(data)))
-    return attr.retval, attr.duration, buf_out.raw[:attr.data_size_out]
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(data),
+        data_size_out=size_out,
+        data_in=_addr(buf_in),
+        data_out=_addr(buf_out),
+        repeat=repeat,
+    )
+    _bpf(
+        BPF_PROG_TEST_RUN, attr, "test-running BPF program fd %d on %d bytes" % (prog_fd, len(data))
+    )
+    return attr.retval, attr.duration, buf_out.raw[: attr.data_size_out]
 
 
 # -- maps --------------------------------------------------------------------
 
+
 def map_info(fd):
     """dict(id, type, key_size, value_size, max_entries, flags, name)."""
-    info = _get_info(fd, _MapInfo(), 'reading info of BPF map fd %d' % fd)
+    info = _get_info(fd, _MapInfo(), "reading info of BPF map fd %d" % fd)
     return {
-        'id': info.id,
-        'type': info.type,
-        'key_size': info.key_size,
-        'value_size': info.value_size,
-        'max_entries': info.max_entries,
-        'flags': info.map_flags,
-        'name': _cstr(info.name),
+        "id": info.id,
+        "type": info.type,
+        "key_size": info.key_size,
+        "value_size": info.value_size,
+        "max_entries": info.max_entries,
+        "flags": info.map_flags,
+        "name": _cstr(info.name),
     }
 
 
 def map_get_fd_by_id(map_id):
     """Open the map with this id (e.g. from prog_info()['map_ids']); returns a new fd."""
     attr = _GetIdAttr(id=map_id)
-    return _bpf(BPF_MAP_GET_FD_BY_ID, attr, 'opening BPF map id %d' % map_id)
+    return _bpf(BPF_MAP_GET_FD_BY_ID, attr, "opening BPF map id %d" % map_id)
 
 
 # The kernel copies key_size and value bytes to and from our buffers without being
@@ -286,23 +347,31 @@ _PERCPU_MAP_TYPES = (5, 6, 10, 21)
 
 def _value_bytes(info):
     """Bytes per element: value_size, or one 8-byte-aligned slot per possible CPU."""
-    if info['type'] in _PERCPU_MAP_TYPES:
-        return ((info['value_size'] + 7) & ~7) * possible_cpus()
-    return info['value_size']
+    if info["type"] in _PERCPU_MAP_TYPES:
+        return ((info["value_size"] + 7) & ~7) * possible_cpus()
+    return info["value_size"]
 
 
 def _checked(fd, what, key_size=None, value_size=None, percpu=None):
     info = map_info(fd)
-    name = 'BPF map %s (fd %d)' % (info['name'], fd)
-    is_percpu = info['type'] in _PERCPU_MAP_TYPES
+    name = "BPF map %s (fd %d)" % (info["name"], fd)
+    is_percpu = info["type"] in _PERCPU_MAP_TYPES
     if percpu is not None and percpu != is_percpu:
-        raise LimiterError('%s %s: a %sper-CPU map, use %s' % (
-            what, name, '' if is_percpu else 'non-',
-            'map_lookup_percpu' if is_percpu else 'map_lookup'))
-    for label, got, want in (('key', key_size, info['key_size']),
-                             ('value', value_size, info['value_size'])):
+        raise LimiterError(
+            "%s %s: a %sper-CPU map, use %s"
+            % (
+                what,
+                name,
+                "" if is_percpu else "non-",
+                "map_lookup_percpu" if is_percpu else "map_lookup",
+            )
+        )
+    for label, got, want in (
+        ("key", key_size, info["key_size"]),
+        ("value", value_size, info["value_size"]),
+    ):
         if got is not None and got != want:
-            raise LimiterError('%s %s: %s size %d, the map has %d' % (what, name, label, got, want))
+            raise LimiterError("%s %s: %s size %d, the map has %d" % (what, name, label, got, want))
     return info
 
 
@@ -317,71 +386,73 @@ def _lookup(fd, key, size, what):
 def map_lookup(fd, key, value_size=None):
     """The value (bytes) stored under key, or None if the key is absent.
     value_size, if given, must be the map's (a check on the caller's layout)."""
-    what = 'looking up key %s in' % bytes(key).hex()
+    what = "looking up key %s in" % bytes(key).hex()
     info = _checked(fd, what, len(key), value_size, percpu=False)
-    return _lookup(fd, key, info['value_size'], '%s BPF map fd %d' % (what, fd))
+    return _lookup(fd, key, info["value_size"], "%s BPF map fd %d" % (what, fd))
 
 
 def map_lookup_percpu(fd, key, value_size=None):
     """Per-CPU map lookup: a list with one value (bytes) per possible CPU, or None.
     The kernel hands back one slot per CPU, each rounded up to 8 bytes."""
-    what = 'looking up key %s in' % bytes(key).hex()
+    what = "looking up key %s in" % bytes(key).hex()
     info = _checked(fd, what, len(key), value_size, percpu=True)
-    raw = _lookup(fd, key, _value_bytes(info), '%s BPF map fd %d' % (what, fd))
+    raw = _lookup(fd, key, _value_bytes(info), "%s BPF map fd %d" % (what, fd))
     if raw is None:
         return None
-    size = info['value_size']
+    size = info["value_size"]
     slot = (size + 7) & ~7
-    return [raw[i * slot:i * slot + size] for i in range(len(raw) // slot)]
+    return [raw[i * slot : i * slot + size] for i in range(len(raw) // slot)]
 
 
 def map_update(fd, key, value, flags=BPF_ANY):
     """Store value under key (flags: BPF_ANY, BPF_NOEXIST, BPF_EXIST). For a per-CPU
     map, value holds every CPU's slot (value_size rounded up to 8) back to back."""
-    what = 'updating key %s in' % bytes(key).hex()
+    what = "updating key %s in" % bytes(key).hex()
     info = _checked(fd, what, len(key))
     if len(value) != _value_bytes(info):
-        raise LimiterError('%s BPF map %s (fd %d): value is %d bytes, the map takes %d'
-                           % (what, info['name'], fd, len(value), _value_bytes(info)))
+        raise LimiterError(
+            "%s BPF map %s (fd %d): value is %d bytes, the map takes %d"
+            % (what, info["name"], fd, len(value), _value_bytes(info))
+        )
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     vbuf = ctypes.create_string_buffer(bytes(value), len(value))
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags)
-    _bpf(BPF_MAP_UPDATE_ELEM, attr, '%s BPF map fd %d' % (what, fd))
+    _bpf(BPF_MAP_UPDATE_ELEM, attr, "%s BPF map fd %d" % (what, fd))
 
 
 def map_delete(fd, key):
     """Delete key; False if it was not there."""
-    what = 'deleting key %s in' % bytes(key).hex()
+    what = "deleting key %s in" % bytes(key).hex()
     _checked(fd, what, len(key))
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf))
-    ret = _bpf(BPF_MAP_DELETE_ELEM, attr, '%s BPF map fd %d' % (what, fd),
-               tolerate=(errno.ENOENT,))
+    ret = _bpf(BPF_MAP_DELETE_ELEM, attr, "%s BPF map fd %d" % (what, fd), tolerate=(errno.ENOENT,))
     return ret == 0
 
 
 def _next_key(fd, key, key_size):
     kbuf = None if key is None else ctypes.create_string_buffer(bytes(key), key_size)
     nbuf = ctypes.create_string_buffer(key_size)
-    attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf) if kbuf is not None else 0,
-                        value=_addr(nbuf))
-    ret = _bpf(BPF_MAP_GET_NEXT_KEY, attr, 'iterating keys of BPF map fd %d' % fd,
-               tolerate=(errno.ENOENT,))
+    attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf) if kbuf is not None else 0, value=_addr(nbuf))
+    ret = _bpf(
+        BPF_MAP_GET_NEXT_KEY, attr, "iterating keys of BPF map fd %d" % fd, tolerate=(errno.ENOENT,)
+    )
     return None if ret < 0 else nbuf.raw
 
 
 def map_get_next_key(fd, key, key_size):
     """The key after key (None: the first key), or None at the end of the map."""
-    _checked(fd, 'iterating keys of', key_size)
+    _checked(fd, "iterating keys of", key_size)
     if key is not None and len(key) != key_size:
-        raise LimiterError('iterating keys of BPF map fd %d: key is %d bytes, not %d'
-                           % (fd, len(key), key_size))
+        raise LimiterError(
+            "iterating keys of BPF map fd %d: key is %d bytes, not %d" % (fd, len(key), key_size)
+        )
     return _next_key(fd, key, key_size)
 
 
 def map_keys(fd, key_size):
     """Iterate over the keys of a map (a snapshot is not guaranteed under updates)."""
-    _checked(fd, 'iterating keys of', key_size)
+    _checked(fd, "iterating keys of", key_size)
     key = _next_key(fd, None, key_size)
     while key is not None:
         yield key
@@ -394,9 +465,9 @@ def possible_cpus(path=POSSIBLE_CPUS_PATH):
         with open(path) as f:
             text = f.read().strip()
     except OSError as e:
-        raise LimiterError('reading possible CPUs from %s: %s' % (path, e))
+        raise LimiterError("reading possible CPUs from %s: %s" % (path, e))
     count = 0
-    for part in text.split(','):
-        lo, _sep, hi = part.partition('-')
+    for part in text.split(","):
+        lo, _sep, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
     return count

@@ -35,8 +35,9 @@ def compile_and_load(source, pin_dir):
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
-        raise LimiterError("compiling and loading the limiter (pins in %s): %s" % (pin_dir, e),
-                           {"cause": str(e)})
+        raise LimiterError(
+            "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
+        )
     return bpf, function
 
 
@@ -83,8 +84,11 @@ def compile_isolated(source, pin_dir):
         how = "the compiler crashed (signal %d)" % os.WTERMSIG(wait_status)
     else:
         how = "it failed"
-    raise LimiterError("compiling and loading the limiter (pins in %s): %s: %s"
-                       % (pin_dir, how, _first_error(output)), {"compiler_output": output[-4000:]})
+    raise LimiterError(
+        "compiling and loading the limiter (pins in %s): %s: %s"
+        % (pin_dir, how, _first_error(output)),
+        {"compiler_output": output[-4000:]},
+    )
 
 
 def _first_error(output):

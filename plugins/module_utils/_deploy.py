@@ -41,18 +41,20 @@ _PLAIN = frozenset(string.ascii_letters + string.digits + "_-")
 
 # -- names and paths --------------------------------------------------------------------
 
+
 def path_component(name):
     """A name as a bpffs directory name: bpffs refuses dots (eth0.100, a VLAN), so every
     byte but letters, digits, '_' and '-' is %-escaped, reversibly."""
-    return "".join(chr(b) if chr(b) in _PLAIN else "%%%02x" % b
-                   for b in bytearray(name.encode("utf-8")))
+    return "".join(
+        chr(b) if chr(b) in _PLAIN else "%%%02x" % b for b in bytearray(name.encode("utf-8"))
+    )
 
 
 def from_path_component(component):
     out, i = bytearray(), 0
     while i < len(component):
         if component[i] == "%":
-            out.append(int(component[i + 1:i + 3], 16))
+            out.append(int(component[i + 1 : i + 3], 16))
             i += 3
         else:
             out.append(ord(component[i]))
@@ -66,8 +68,7 @@ def namespace_key(netns):
         return HOST_KEY
     if "/" not in netns:
         if not _NETNS_NAME_RE.match(netns):
-            raise LimiterError("netns %r: a name may hold letters, digits and ._@:+- only"
-                               % netns)
+            raise LimiterError("netns %r: a name may hold letters, digits and ._@:+- only" % netns)
         return "netns-" + path_component(netns)
     try:
         return "ns-%d" % os.stat(netns).st_ino
@@ -80,10 +81,10 @@ def resolve_namespace(key):
     if key == HOST_KEY:
         return True, None
     if key.startswith("netns-"):
-        name = from_path_component(key[len("netns-"):])
+        name = from_path_component(key.partition("-")[2])
         return os.path.exists(os.path.join("/run/netns", name)), name
     if key.startswith("ns-"):
-        inode = int(key[len("ns-"):])
+        inode = int(key.partition("-")[2])
         candidates = [os.path.join("/run/netns", n) for n in _listdir("/run/netns")]
         candidates += ["/proc/%s/ns/net" % p for p in _listdir("/proc") if p.isdigit()]
         for path in candidates:
@@ -108,8 +109,9 @@ def pinned_namespaces(pin_root):
 
 
 def pinned_interfaces(pin_root, ns_key):
-    return sorted(from_path_component(name)
-                  for name in _listdir(os.path.join(layout_root(pin_root), ns_key)))
+    return sorted(
+        from_path_component(name) for name in _listdir(os.path.join(layout_root(pin_root), ns_key))
+    )
 
 
 def _listdir(path):
@@ -123,11 +125,14 @@ def _listdir(path):
 
 # -- host checks and the lock -------------------------------------------------------------
 
+
 def check_bpffs():
     if not _bpfsys.is_bpffs(_render.BPFFS_ROOT):
-        raise LimiterError("bpffs is not mounted at %s: mount it with 'mount -t bpf bpf %s' "
-                           "(the rabbitguard.limiter.tc_limiter role does this persistently)"
-                           % (_render.BPFFS_ROOT, _render.BPFFS_ROOT))
+        raise LimiterError(
+            "bpffs is not mounted at %s: mount it with 'mount -t bpf bpf %s' "
+            "(the rabbitguard.limiter.tc_limiter role does this persistently)"
+            % (_render.BPFFS_ROOT, _render.BPFFS_ROOT)
+        )
 
 
 def check_kernel_headers(kernel_headers):
@@ -141,7 +146,8 @@ def check_kernel_headers(kernel_headers):
     raise LimiterError(
         "no kernel headers at %s: install linux-headers-%s (Debian/Ubuntu) or "
         "kernel-devel-%s (RHEL family), or point kernel_headers at a kernel build tree"
-        % (tree, release, release))
+        % (tree, release, release)
+    )
 
 
 @contextmanager
@@ -158,8 +164,10 @@ def host_lock(timeout):
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.time() >= deadline:
-                    raise LimiterError("another rabbit_tc_limit run holds %s; waited %d s "
-                                       "(raise lock_timeout to wait longer)" % (LOCK_PATH, timeout))
+                    raise LimiterError(
+                        "another rabbit_tc_limit run holds %s; waited %d s "
+                        "(raise lock_timeout to wait longer)" % (LOCK_PATH, timeout)
+                    )
                 time.sleep(0.1)
         yield
     finally:
@@ -167,6 +175,7 @@ def host_lock(timeout):
 
 
 # -- reading what is deployed ---------------------------------------------------------------
+
 
 def _read_map(pin, name, key, value_type, percpu=False):
     path = os.path.join(pin, name)
@@ -188,7 +197,8 @@ def read_config(pin):
         "port": value.port,
         "limit": value.limit,
         "action": _layout.ACTION_NAMES[value.action]
-        if value.action < len(_layout.ACTION_NAMES) else "unknown",
+        if value.action < len(_layout.ACTION_NAMES)
+        else "unknown",
         "l2": "ethernet" if value.ethernet else "none",
         "frame_max": value.frame_max,
         "digest": bytes(bytearray(value.digest)).hex(),
@@ -198,10 +208,13 @@ def read_config(pin):
 
 def write_config(pin, config, digest, created_clsact):
     value = _layout.DeployedConfig(
-        port=config["port"], limit=config["limit"],
+        port=config["port"],
+        limit=config["limit"],
         action=_layout.ACTION_NAMES.index(config["action"]),
-        ethernet=1 if config["l2"] == "ethernet" else 0, frame_max=config["frame_max"],
-        flags=_layout.FLAG_CREATED_CLSACT if created_clsact else 0)
+        ethernet=1 if config["l2"] == "ethernet" else 0,
+        frame_max=config["frame_max"],
+        flags=_layout.FLAG_CREATED_CLSACT if created_clsact else 0,
+    )
     value.digest[:] = list(bytearray.fromhex(digest))
     with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "config"))) as fd:
         _bpfsys.map_update(fd, b"\x00" * 4, bytes(value))
@@ -247,16 +260,23 @@ def observe(tc, pin_root, ns_key, ifnames):
 
 # -- desired state ------------------------------------------------------------------------
 
+
 def desire(tc, pin_root, ns_key, ifname, params, template):
     """The rendered source and desired state for one interface (validates everything)."""
-    config = _render.validate(params["port"], params["limit"], params["action"],
-                              l2_kind(tc, ifname), pin_dir(pin_root, ns_key, ifname),
-                              params["frame_max"])
+    config = _render.validate(
+        params["port"],
+        params["limit"],
+        params["action"],
+        l2_kind(tc, ifname),
+        pin_dir(pin_root, ns_key, ifname),
+        params["frame_max"],
+    )
     source = _render.render(config, template)
     return source, {"config": config, "digest": _render.source_digest(source)}
 
 
 # -- changing things --------------------------------------------------------------------------
+
 
 def deploy(tc, ifname, source, desired, observed):
     """Compile, attach (atomic replace) and record. Returns the new program id.
@@ -267,8 +287,7 @@ def deploy(tc, ifname, source, desired, observed):
     """
     config, digest = desired["config"], desired["digest"]
     pin = config["pin_dir"]
-    new_pins = [name for name in _layout.MAP_NAMES
-                if not os.path.exists(os.path.join(pin, name))]
+    new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
     prog_fd = None
     try:
@@ -280,7 +299,7 @@ def deploy(tc, ifname, source, desired, observed):
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
         if len(new_pins) == len(_layout.MAP_NAMES):
-            unpin_interface(pin)        # nothing was here: leave no directory either
+            unpin_interface(pin)  # nothing was here: leave no directory either
         else:
             _unpin(pin, new_pins)
         if prog_fd is not None:
@@ -308,13 +327,21 @@ def _clear_foreign(tc, ifname, found):
     if found.get("kind") == "bpf" and found.get("protocol") == _tc.ETH_P_ALL:
         return
     try:
-        tc.ipr.tc("del-filter", found["kind"], tc.interface_index(ifname), FILTER_HANDLE,
-                  parent=_tc.TC_H_INGRESS_HOOK, prio=FILTER_PREF, protocol=found["protocol"])
+        tc.ipr.tc(
+            "del-filter",
+            found["kind"],
+            tc.interface_index(ifname),
+            FILTER_HANDLE,
+            parent=_tc.TC_H_INGRESS_HOOK,
+            prio=FILTER_PREF,
+            protocol=found["protocol"],
+        )
     except _tc._NL_ERRORS as e:
-        raise LimiterError("removing the foreign %s filter (protocol 0x%04x) at pref %d, "
-                           "handle 0x%x of %s ingress: %s"
-                           % (found["kind"], found["protocol"], FILTER_PREF, FILTER_HANDLE,
-                              ifname, _tc._reason(e)))
+        raise LimiterError(
+            "removing the foreign %s filter (protocol 0x%04x) at pref %d, "
+            "handle 0x%x of %s ingress: %s"
+            % (found["kind"], found["protocol"], FILTER_PREF, FILTER_HANDLE, ifname, _tc._reason(e))
+        )
 
 
 def remove(tc, ifname, observed):
@@ -354,6 +381,7 @@ def _unpin(pin, names):
 
 # -- what the data plane knows ----------------------------------------------------------------
 
+
 def counters(pin):
     per_cpu = _read_map(pin, "counters", b"\x00" * 4, _layout.Counters, percpu=True) or []
     total = dict.fromkeys([name for name, _type in _layout.Counters._fields_], 0)
@@ -371,7 +399,7 @@ def connections(pin):
         for raw_key in _bpfsys.map_keys(fd, key_size):
             raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ConnState))
             if raw is None:
-                continue        # gone since the key was listed
+                continue  # gone since the key was listed
             state = _layout.decode(_layout.ConnState, raw)
             if state.ended:
                 continue

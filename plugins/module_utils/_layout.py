@@ -25,16 +25,26 @@ _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
 class ConnKey(ctypes.Structure):
-    _fields_ = [("client_addr", ctypes.c_uint8 * 16), ("broker_addr", ctypes.c_uint8 * 16),
-                ("client_port", ctypes.c_uint16), ("broker_port", ctypes.c_uint16)]
+    _fields_ = [
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("broker_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("broker_port", ctypes.c_uint16),
+    ]
 
 
 class ConnState(ctypes.Structure):
-    _fields_ = [("epoch", ctypes.c_uint64), ("next_hdr", ctypes.c_uint32),
-                ("consumers", ctypes.c_uint32), ("refused", ctypes.c_uint32),
-                ("synced", ctypes.c_uint8), ("ended", ctypes.c_uint8),
-                ("after_frame", ctypes.c_uint8), ("stash_len", ctypes.c_uint8),
-                ("stash", ctypes.c_uint8 * 11)]
+    _fields_ = [
+        ("epoch", ctypes.c_uint64),
+        ("next_hdr", ctypes.c_uint32),
+        ("consumers", ctypes.c_uint32),
+        ("refused", ctypes.c_uint32),
+        ("synced", ctypes.c_uint8),
+        ("ended", ctypes.c_uint8),
+        ("after_frame", ctypes.c_uint8),
+        ("stash_len", ctypes.c_uint8),
+        ("stash", ctypes.c_uint8 * 11),
+    ]
 
 
 class ChanKey(ctypes.Structure):
@@ -42,21 +52,41 @@ class ChanKey(ctypes.Structure):
 
 
 class ChanState(ctypes.Structure):
-    _fields_ = [("epoch", ctypes.c_uint64), ("consumers", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+    _fields_ = [
+        ("epoch", ctypes.c_uint64),
+        ("consumers", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
 
 
 class Counters(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "segments", "amqp_segments", "consumes_allowed", "consumes_refused", "cancels",
-        "channel_closes", "conns_tracked", "conns_forgotten", "resyncs", "unparsed")]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "segments",
+            "amqp_segments",
+            "consumes_allowed",
+            "consumes_refused",
+            "cancels",
+            "channel_closes",
+            "conns_tracked",
+            "conns_forgotten",
+            "resyncs",
+            "unparsed",
+        )
+    ]
 
 
 class DeployedConfig(ctypes.Structure):
-    _fields_ = [("port", ctypes.c_uint32), ("limit", ctypes.c_uint32),
-                ("action", ctypes.c_uint32), ("ethernet", ctypes.c_uint32),
-                ("frame_max", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("digest", ctypes.c_uint8 * 32)]
+    _fields_ = [
+        ("port", ctypes.c_uint32),
+        ("limit", ctypes.c_uint32),
+        ("action", ctypes.c_uint32),
+        ("ethernet", ctypes.c_uint32),
+        ("frame_max", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("digest", ctypes.c_uint8 * 32),
+    ]
 
 
 def address_text(raw16):
@@ -84,7 +114,7 @@ def conn_key(client, client_port, broker, broker_port):
 
 
 def decode(struct_type, raw):
-    return struct_type.from_buffer_copy(raw[:ctypes.sizeof(struct_type)])
+    return struct_type.from_buffer_copy(raw[: ctypes.sizeof(struct_type)])
 
 
 def as_dict(value):

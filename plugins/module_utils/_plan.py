@@ -78,5 +78,8 @@ def public_config(config):
     """The part of a config a user sets and sees (no pin paths, no internals)."""
     if not config:
         return None
-    return dict((key, config[key]) for key in ("port", "limit", "action", "frame_max", "l2")
-                if key in config)
+    return dict(
+        (key, config[key])
+        for key in ("port", "limit", "action", "frame_max", "l2")
+        if key in config
+    )

@@ -59,20 +59,29 @@ def load_config(path):
         raise LimiterError("stored configuration %s: expected a JSON object" % path)
     unknown = sorted(set(stored) - set(DEFAULTS))
     if unknown:
-        raise LimiterError("stored configuration %s: unknown keys %s (known: %s)"
-                           % (path, ", ".join(unknown), ", ".join(sorted(DEFAULTS))))
+        raise LimiterError(
+            "stored configuration %s: unknown keys %s (known: %s)"
+            % (path, ", ".join(unknown), ", ".join(sorted(DEFAULTS)))
+        )
     params = dict(DEFAULTS)
     params.update((key, value) for key, value in stored.items() if value is not None)
     if params["interfaces"] is not None and (
-            not isinstance(params["interfaces"], list) or
-            not all(isinstance(i, str) and i for i in params["interfaces"])):
+        not isinstance(params["interfaces"], list)
+        or not all(isinstance(i, str) and i for i in params["interfaces"])
+    ):
         raise LimiterError("stored configuration %s: interfaces must be a list of names" % path)
     if not params["interfaces"]:
         params["interfaces"] = None
     # Option errors first, as the module does: they name the option and touch nothing.
     try:
-        _render.validate(params["port"], params["limit"], params["action"], "ethernet",
-                         _render.BPFFS_ROOT + "/check", params["frame_max"])
+        _render.validate(
+            params["port"],
+            params["limit"],
+            params["action"],
+            "ethernet",
+            _render.BPFFS_ROOT + "/check",
+            params["frame_max"],
+        )
     except _render.ConfigError as e:
         raise LimiterError("stored configuration %s: %s" % (path, e))
     return params
@@ -99,8 +108,10 @@ def _interfaces(tc, params, deadline):
             if ifnames is None:
                 ifnames = tc.default_route_interfaces()
                 if not ifnames:
-                    raise LimiterError("interfaces: no default route in %s to take them from"
-                                       % (params["netns"] or "the host's namespace"))
+                    raise LimiterError(
+                        "interfaces: no default route in %s to take them from"
+                        % (params["netns"] or "the host's namespace")
+                    )
             for ifname in ifnames:
                 tc.interface_index(ifname)
             return ifnames
@@ -119,13 +130,14 @@ def reattach(params, template, wait=0):
     done = []
     path = _tc.netns_path(netns)
     while path is not None and not os.path.exists(path) and time.time() < deadline:
-        time.sleep(1)                 # a container's namespace may come up late
+        time.sleep(1)  # a container's namespace may come up late
     with _deploy.host_lock(params["lock_timeout"]), _tc.open_netns(netns) as tc:
         ifnames = _interfaces(tc, params, deadline)
         desired, sources = {}, {}
         for ifname in ifnames:
             sources[ifname], desired[ifname] = _deploy.desire(
-                tc, pin_root, ns_key, ifname, params, template)
+                tc, pin_root, ns_key, ifname, params, template
+            )
         observed = _deploy.observe(tc, pin_root, ns_key, ifnames)
         actions = _plan.plan(observed, desired)
         if any(a in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR) for a, _r in actions.values()):
@@ -134,8 +146,9 @@ def reattach(params, template, wait=0):
                 os.environ["BCC_KERNEL_SOURCE"] = tree
         for ifname, (action, reason) in sorted(actions.items()):
             if action in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR):
-                _deploy.deploy(tc, ifname, sources[ifname], desired[ifname],
-                               observed.get(ifname, {}))
+                _deploy.deploy(
+                    tc, ifname, sources[ifname], desired[ifname], observed.get(ifname, {})
+                )
             elif action == _plan.REMOVE:
                 _deploy.remove(tc, ifname, observed[ifname])
             done.append((ns_key, ifname, action, reason))
@@ -147,12 +160,21 @@ def main(argv=None, template=None):
     parser = argparse.ArgumentParser(
         prog="rabbitguard-reattach",
         description="Re-attach the rabbitguard AMQP consumer limiter from the configuration "
-                    "stored by the rabbitguard.limiter.tc_limiter role (run at boot).")
+        "stored by the rabbitguard.limiter.tc_limiter role (run at boot).",
+    )
     parser.add_argument("config", help="the stored configuration (JSON)")
-    parser.add_argument("--template", help="the classifier's C template (%s); default, the "
-                        "one bundled with this program" % TEMPLATE_NAME)
-    parser.add_argument("--wait", type=int, default=0, metavar="SECONDS",
-                        help="wait this long for the namespace, interfaces or default route")
+    parser.add_argument(
+        "--template",
+        help="the classifier's C template (%s); default, the "
+        "one bundled with this program" % TEMPLATE_NAME,
+    )
+    parser.add_argument(
+        "--wait",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="wait this long for the namespace, interfaces or default route",
+    )
     args = parser.parse_args(argv)
     prog = parser.prog
     try:
@@ -166,9 +188,19 @@ def main(argv=None, template=None):
         if ensure_bpffs():
             sys.stdout.write("%s: mounted bpffs at %s\n" % (prog, _render.BPFFS_ROOT))
         for ns_key, ifname, action, reason in reattach(params, template, args.wait):
-            sys.stdout.write("%s: %s/%s: %s%s (limit %d, action %s, port %d)\n"
-                             % (prog, ns_key, ifname, action, " (%s)" % reason if reason else "",
-                                params["limit"], params["action"], params["port"]))
+            sys.stdout.write(
+                "%s: %s/%s: %s%s (limit %d, action %s, port %d)\n"
+                % (
+                    prog,
+                    ns_key,
+                    ifname,
+                    action,
+                    " (%s)" % reason if reason else "",
+                    params["limit"],
+                    params["action"],
+                    params["port"],
+                )
+            )
     except (LimiterError, _render.ConfigError) as e:
         sys.stderr.write("%s: error: %s\n" % (prog, e))
         return 1

@@ -35,7 +35,8 @@ def _integer(name, value, low, high):
     # bool is an int in Python; "true" as a limit is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(
-            "%s must be an integer between %d and %d, got %r" % (name, low, high, value))
+            "%s must be an integer between %d and %d, got %r" % (name, low, high, value)
+        )
     if not low <= value <= high:
         raise ConfigError("%s must be between %d and %d, got %d" % (name, low, high, value))
     return value
@@ -50,7 +51,8 @@ def validate(port, limit, action, l2, pin_dir, frame_max=DEFAULT_FRAME_MAX):
     if not isinstance(pin_dir, str) or not _PIN_DIR_RE.match(pin_dir):
         raise ConfigError(
             "pin_dir must be a directory under %s made of letters, digits and _%%@:+- "
-            "(bpffs allows no dots), got %r" % (BPFFS_ROOT, pin_dir))
+            "(bpffs allows no dots), got %r" % (BPFFS_ROOT, pin_dir)
+        )
     return {
         "port": _integer("port", port, 1, 65535),
         "limit": _integer("limit", limit, 0, 65535),

@@ -58,16 +58,19 @@ def ensure_python_libs(module, names):
     if not has_respawned():
         interpreter = probe_interpreters_for_module(SYSTEM_PYTHONS, missing[0])
         if interpreter:
-            respawn_module(interpreter)     # does not return
-    module.fail_json(msg="%s not importable by %s nor by the system Python: install %s"
-                     % (", ".join(missing), sys.executable,
-                        "; ".join(PACKAGES[name] for name in missing)))
+            respawn_module(interpreter)  # does not return
+    module.fail_json(
+        msg="%s not importable by %s nor by the system Python: install %s"
+        % (", ".join(missing), sys.executable, "; ".join(PACKAGES[name] for name in missing))
+    )
 
 
 def check_root(module):
     if os.geteuid() != 0:
-        module.fail_json(msg="%s must run as root to attach tc filters and pin BPF maps: "
-                         "use become: true" % module._name)
+        module.fail_json(
+            msg="%s must run as root to attach tc filters and pin BPF maps: "
+            "use become: true" % module._name
+        )
 
 
 def _template(params):
@@ -77,11 +80,14 @@ def _template(params):
     try:
         return _render.read_template()
     except (IOError, OSError):
-        raise LimiterError("the classifier template was not passed to the module: run it "
-                           "as rabbitguard.limiter.rabbit_tc_limit (its action plugin sends it)")
+        raise LimiterError(
+            "the classifier template was not passed to the module: run it "
+            "as rabbitguard.limiter.rabbit_tc_limit (its action plugin sends it)"
+        )
 
 
 # -- rabbit_tc_limit ----------------------------------------------------------------------
+
 
 def run_limit(module):
     params = module.params
@@ -93,8 +99,14 @@ def run_limit(module):
     try:
         if present:
             # Option errors first: they name the option and nothing has been touched.
-            _render.validate(params["port"], params["limit"], params["action"], "ethernet",
-                             _render.BPFFS_ROOT + "/check", params["frame_max"])
+            _render.validate(
+                params["port"],
+                params["limit"],
+                params["action"],
+                "ethernet",
+                _render.BPFFS_ROOT + "/check",
+                params["frame_max"],
+            )
         _deploy.check_bpffs()
         with _deploy.host_lock(params["lock_timeout"]):
             if present:
@@ -121,17 +133,21 @@ def _present(module, result, diff):
         if ifnames is None:
             ifnames = tc.default_route_interfaces()
             if not ifnames:
-                raise LimiterError("interfaces: no default route in %s to take them from; "
-                                   "list the interfaces" % (netns or "the host's namespace"))
+                raise LimiterError(
+                    "interfaces: no default route in %s to take them from; "
+                    "list the interfaces" % (netns or "the host's namespace")
+                )
         desired, sources = {}, {}
         for ifname in ifnames:
-            tc.interface_index(ifname)          # an unknown interface fails here, untouched
-            sources[ifname], desired[ifname] = _deploy.desire(tc, pin_root, ns_key, ifname,
-                                                              params, template)
+            tc.interface_index(ifname)  # an unknown interface fails here, untouched
+            sources[ifname], desired[ifname] = _deploy.desire(
+                tc, pin_root, ns_key, ifname, params, template
+            )
         observed = _deploy.observe(tc, pin_root, ns_key, ifnames)
         actions = _plan.plan(observed, desired)
-        compiling = [i for i, (a, _r) in actions.items()
-                     if a in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR)]
+        compiling = [
+            i for i, (a, _r) in actions.items() if a in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR)
+        ]
         if compiling and not module.check_mode:
             tree = _deploy.check_kernel_headers(params["kernel_headers"])
             if params["kernel_headers"]:
@@ -164,8 +180,19 @@ def _absent_namespace(module, ns_key, result, diff):
     for ifname in _deploy.pinned_interfaces(pin_root, ns_key):
         pin = _deploy.pin_dir(pin_root, ns_key, ifname)
         before = _plan.public_config(_deploy.read_config(pin))
-        _record(result, diff, ns_key, ifname, _plan.REMOVE, "the namespace is gone",
-                before, None, None, False, pin)
+        _record(
+            result,
+            diff,
+            ns_key,
+            ifname,
+            _plan.REMOVE,
+            "the namespace is gone",
+            before,
+            None,
+            None,
+            False,
+            pin,
+        )
         if not module.check_mode:
             _deploy.unpin_interface(pin)
 
@@ -174,8 +201,9 @@ def _act(module, tc, ns_key, actions, observed, desired, sources, result, diff):
     for ifname, (action, reason) in sorted(actions.items()):
         seen = observed.get(ifname, {})
         want = desired.get(ifname)
-        before = _plan.public_config(seen.get("config")) if _plan.is_ours(
-            seen.get("filter")) else None
+        before = (
+            _plan.public_config(seen.get("config")) if _plan.is_ours(seen.get("filter")) else None
+        )
         after = _plan.public_config(want["config"]) if want else None
         program_id = (seen.get("filter") or {}).get("prog_id") if want else None
         compiled = False
@@ -186,15 +214,19 @@ def _act(module, tc, ns_key, actions, observed, desired, sources, result, diff):
             elif action == _plan.REMOVE:
                 _deploy.remove(tc, ifname, seen)
         pin = want["config"]["pin_dir"] if want else seen.get("pin_dir")
-        _record(result, diff, ns_key, ifname, action, reason, before, after, program_id,
-                compiled, pin)
+        _record(
+            result, diff, ns_key, ifname, action, reason, before, after, program_id, compiled, pin
+        )
 
 
-def _record(result, diff, ns_key, ifname, action, reason, before, after, program_id,
-            compiled, pin):
+def _record(result, diff, ns_key, ifname, action, reason, before, after, program_id, compiled, pin):
     result["interfaces"].setdefault(ns_key, {})[ifname] = {
-        "action": action, "reason": reason, "config": after, "program_id": program_id,
-        "compiled": compiled, "pin_dir": pin,
+        "action": action,
+        "reason": reason,
+        "config": after,
+        "program_id": program_id,
+        "compiled": compiled,
+        "pin_dir": pin,
     }
     if action != _plan.NONE:
         result["changed"] = True
@@ -204,6 +236,7 @@ def _record(result, diff, ns_key, ifname, action, reason, before, after, program
 
 
 # -- rabbit_tc_limit_info ----------------------------------------------------------------------
+
 
 def run_info(module):
     params = module.params
@@ -247,8 +280,9 @@ def _describe(tc, pin_root, ns_key, ifname, params):
         "interface": ifname,
         "pin_dir": pin,
         "config": _plan.public_config(config),
-        "attached": _plan.is_ours(tc_filter) and config is not None and
-        tc_filter["name"] == _plan.filter_name(config["digest"]),
+        "attached": _plan.is_ours(tc_filter)
+        and config is not None
+        and tc_filter["name"] == _plan.filter_name(config["digest"]),
         "program_id": tc_filter["prog_id"] if _plan.is_ours(tc_filter) else None,
         "counters": _deploy.counters(pin) if _deploy.pins_present(pin) else None,
         "connections": [],

@@ -42,14 +42,14 @@ except ImportError:
 else:
     HAS_PYROUTE2 = True
     PYROUTE2_IMPORT_ERROR = None
-    _NL_ERRORS = (NetlinkError, OSError)   # OSError: the socket itself failed
+    _NL_ERRORS = (NetlinkError, OSError)  # OSError: the socket itself failed
 
-NETNS_RUN_DIR = '/run/netns'
+NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
-TC_H_CLSACT = 0xFFFFFFF1          # clsact and ingress qdiscs both sit here
-TC_H_INGRESS_HOOK = 0xFFFFFFF2    # ffff:fff2, clsact ingress (tc ... ingress)
-TC_H_EGRESS_HOOK = 0xFFFFFFF3     # ffff:fff3, clsact egress
+TC_H_CLSACT = 0xFFFFFFF1  # clsact and ingress qdiscs both sit here
+TC_H_INGRESS_HOOK = 0xFFFFFFF2  # ffff:fff2, clsact ingress (tc ... ingress)
+TC_H_EGRESS_HOOK = 0xFFFFFFF3  # ffff:fff3, clsact egress
 ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
@@ -68,18 +68,22 @@ FILTER_NAME_MAX = 256
 
 def _require_pyroute2():
     if not HAS_PYROUTE2:
-        raise LimiterError('using netlink: the Python library pyroute2 is missing '
-                           '(Debian/Ubuntu: python3-pyroute2; RHEL/Fedora: python3-pyroute2; '
-                           'pip: pyroute2)', {'exception': PYROUTE2_IMPORT_ERROR})
+        raise LimiterError(
+            "using netlink: the Python library pyroute2 is missing "
+            "(Debian/Ubuntu: python3-pyroute2; RHEL/Fedora: python3-pyroute2; "
+            "pip: pyroute2)",
+            {"exception": PYROUTE2_IMPORT_ERROR},
+        )
 
 
 # -- network namespaces -------------------------------------------------------
+
 
 def netns_path(netns):
     """None -> None (current namespace); 'name' -> /run/netns/name; paths as given."""
     if netns is None:
         return None
-    if '/' in netns:
+    if "/" in netns:
         return netns
     return os.path.join(NETNS_RUN_DIR, netns)
 
@@ -89,8 +93,8 @@ def _setns(fd, what):
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         if err == errno.EINVAL:
-            raise LimiterError('%s: not a network namespace' % what, {'errno': err})
-        raise LimiterError('%s: %s' % (what, os.strerror(err)), {'errno': err})
+            raise LimiterError("%s: not a network namespace" % what, {"errno": err})
+        raise LimiterError("%s: %s" % (what, os.strerror(err)), {"errno": err})
 
 
 def _new_ipr():
@@ -105,16 +109,17 @@ def _new_ipr():
 
 def _ipr_in(path, netns):
     """An IPRoute whose netlink socket lives in the namespace at path."""
-    what = 'entering network namespace %s' % netns
+    what = "entering network namespace %s" % netns
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ENOENT:
-            raise LimiterError('network namespace %s not found (%s)' % (netns, path),
-                               {'errno': e.errno, 'netns': netns})
-        raise LimiterError('%s: %s' % (what, e.strerror),
-                           {'errno': e.errno, 'netns': netns})
-    home = os.open('/proc/thread-self/ns/net', os.O_RDONLY | os.O_CLOEXEC)
+            raise LimiterError(
+                "network namespace %s not found (%s)" % (netns, path),
+                {"errno": e.errno, "netns": netns},
+            )
+        raise LimiterError("%s: %s" % (what, e.strerror), {"errno": e.errno, "netns": netns})
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ipr = None
     try:
         _setns(target, what)
@@ -124,7 +129,7 @@ def _ipr_in(path, netns):
             # setns() moves this thread only; always come home, and never hand out
             # a socket if we could not
             try:
-                _setns(home, 'returning from network namespace %s' % netns)
+                _setns(home, "returning from network namespace %s" % netns)
             except LimiterError:
                 if ipr is not None:
                     ipr.close()
@@ -150,45 +155,47 @@ def open_netns(netns=None):
 
 # -- helpers over pyroute2 messages -------------------------------------------
 
+
 def _raw_attrs(msg):
     """{type: payload bytes} for the attributes pyroute2 left undecoded."""
     out = {}
-    for slot in msg.get('attrs', ()):
-        if slot.name == 'UNKNOWN':
-            cell = slot.cell[1]      # undecoded: read the nlattr header ourselves
-            length, nla_type = struct.unpack_from('=HH', cell.data, cell.offset)
-            out[nla_type & 0x3FFF] = bytes(cell.data[cell.offset + 4:cell.offset + length])
+    for slot in msg.get("attrs", ()):
+        if slot.name == "UNKNOWN":
+            cell = slot.cell[1]  # undecoded: read the nlattr header ourselves
+            length, nla_type = struct.unpack_from("=HH", cell.data, cell.offset)
+            out[nla_type & 0x3FFF] = bytes(cell.data[cell.offset + 4 : cell.offset + length])
     return out
 
 
 def _filter_view(msg):
     """Our dict for one RTM_NEWTFILTER message."""
     view = {
-        'pref': msg['info'] >> 16,
-        'protocol': socket.ntohs(msg['info'] & 0xFFFF),
-        'handle': msg['handle'],
-        'kind': msg.get_attr('TCA_KIND'),
-        'name': None,
-        'direct_action': False,
-        'prog_id': None,
-        'prog_tag': None,
+        "pref": msg["info"] >> 16,
+        "protocol": socket.ntohs(msg["info"] & 0xFFFF),
+        "handle": msg["handle"],
+        "kind": msg.get_attr("TCA_KIND"),
+        "name": None,
+        "direct_action": False,
+        "prog_id": None,
+        "prog_tag": None,
     }
-    opts = msg.get_attr('TCA_OPTIONS')
-    if view['kind'] == 'bpf' and opts is not None:
+    opts = msg.get_attr("TCA_OPTIONS")
+    if view["kind"] == "bpf" and opts is not None:
         raw = _raw_attrs(opts)
         prog_id = raw.get(TCA_BPF_ID)
         tag = raw.get(TCA_BPF_TAG)
         view.update(
-            name=opts.get_attr('TCA_BPF_NAME'),
-            direct_action=bool((opts.get_attr('TCA_BPF_FLAGS') or 0) & TCA_BPF_FLAG_ACT_DIRECT),
-            prog_id=struct.unpack('=I', prog_id[:4])[0] if prog_id else None,
-            prog_tag=tag.hex() if tag else None)
+            name=opts.get_attr("TCA_BPF_NAME"),
+            direct_action=bool((opts.get_attr("TCA_BPF_FLAGS") or 0) & TCA_BPF_FLAG_ACT_DIRECT),
+            prog_id=struct.unpack("=I", prog_id[:4])[0] if prog_id else None,
+            prog_tag=tag.hex() if tag else None,
+        )
     return view
 
 
 def _code(err):
     """The errno of a NetlinkError (.code) or OSError (.errno)."""
-    return getattr(err, 'code', None) or getattr(err, 'errno', None)
+    return getattr(err, "code", None) or getattr(err, "errno", None)
 
 
 def _reason(err):
@@ -197,16 +204,21 @@ def _reason(err):
     text = os.strerror(code) if code else str(err)
     detail = err.args[1] if len(err.args) > 1 else None
     if detail and detail != text:
-        text = '%s: %s' % (text, detail)
+        text = "%s: %s" % (text, detail)
     return text
 
 
 def _check_name(name):
-    ok = (isinstance(name, str) and 0 < len(name) <= FILTER_NAME_MAX
-          and all(' ' < c <= '~' for c in name))
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= FILTER_NAME_MAX
+        and all(" " < c <= "~" for c in name)
+    )
     if not ok:
-        raise LimiterError('invalid tc filter name %r: 1 to %d printable ASCII characters, '
-                           'no spaces' % (name, FILTER_NAME_MAX))
+        raise LimiterError(
+            "invalid tc filter name %r: 1 to %d printable ASCII characters, "
+            "no spaces" % (name, FILTER_NAME_MAX)
+        )
 
 
 class Tc:
@@ -219,19 +231,19 @@ class Tc:
     def _where(self, ifname):
         if self.netns is None:
             return ifname
-        return '%s in netns %s' % (ifname, self.netns)
+        return "%s in netns %s" % (ifname, self.netns)
 
     def _error(self, doing, ifname, err, **context):
         """LimiterError('<doing> <ifname> [in netns X]: <reason>') for a netlink failure."""
         context.update(ifname=ifname, netns=self.netns, errno=_code(err))
-        return LimiterError('%s %s: %s' % (doing, self._where(ifname), _reason(err)), context)
+        return LimiterError("%s %s: %s" % (doing, self._where(ifname), _reason(err)), context)
 
     def _dump_filters(self, ifname, parent):
         index = self.interface_index(ifname)
-        try:   # without a clsact qdisc the kernel answers with an empty dump
+        try:  # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
         except _NL_ERRORS as e:
-            raise self._error('listing tc filters on', ifname, e)
+            raise self._error("listing tc filters on", ifname, e)
 
     # -- interfaces and routes -------------------------------------------------
 
@@ -240,10 +252,11 @@ class Tc:
         try:
             found = self.ipr.link_lookup(ifname=name)
         except _NL_ERRORS as e:
-            raise self._error('looking up interface', name, e)
+            raise self._error("looking up interface", name, e)
         if not found:
-            raise LimiterError('interface %s not found' % self._where(name),
-                               {'ifname': name, 'netns': self.netns})
+            raise LimiterError(
+                "interface %s not found" % self._where(name), {"ifname": name, "netns": self.netns}
+            )
         return found[0]
 
     def default_route_interfaces(self):
@@ -252,17 +265,22 @@ class Tc:
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for route in self.ipr.get_default_routes(family=family, table=RT_TABLE_MAIN):
-                    if route['type'] != RTN_UNICAST:   # skip unreachable, blackhole, ...
+                    if route["type"] != RTN_UNICAST:  # skip unreachable, blackhole, ...
                         continue
-                    oifs = [route.get_attr('RTA_OIF')]
-                    oifs += [nh['oif'] for nh in route.get_attr('RTA_MULTIPATH') or ()]
+                    oifs = [route.get_attr("RTA_OIF")]
+                    oifs += [nh["oif"] for nh in route.get_attr("RTA_MULTIPATH") or ()]
                     indexes += [i for i in oifs if i and i not in indexes]
-            return [link.get_attr('IFLA_IFNAME') for link in self.ipr.get_links(*indexes)] \
-                if indexes else []
+            return (
+                [link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links(*indexes)]
+                if indexes
+                else []
+            )
         except _NL_ERRORS as e:
-            where = '' if self.netns is None else ' in netns %s' % self.netns
-            raise LimiterError('reading default routes%s: %s' % (where, _reason(e)),
-                               {'netns': self.netns, 'errno': _code(e)})
+            where = "" if self.netns is None else " in netns %s" % self.netns
+            raise LimiterError(
+                "reading default routes%s: %s" % (where, _reason(e)),
+                {"netns": self.netns, "errno": _code(e)},
+            )
 
     # -- qdisc -----------------------------------------------------------------
 
@@ -272,10 +290,10 @@ class Tc:
         try:
             qdiscs = self.ipr.get_qdiscs(index)
         except _NL_ERRORS as e:
-            raise self._error('listing qdiscs on', ifname, e)
+            raise self._error("listing qdiscs on", ifname, e)
         for qdisc in qdiscs:
-            if qdisc['parent'] == TC_H_CLSACT:
-                return qdisc.get_attr('TCA_KIND')
+            if qdisc["parent"] == TC_H_CLSACT:
+                return qdisc.get_attr("TCA_KIND")
         return None
 
     def ensure_clsact(self, ifname):
@@ -284,35 +302,37 @@ class Tc:
         Root qdiscs (fq_codel, mq, ...) are separate and left alone; an 'ingress'
         qdisc takes clsact's place and is refused rather than replaced."""
         kind = self.clsact_kind(ifname)
-        if kind == 'clsact':
+        if kind == "clsact":
             return False
         if kind is not None:
             raise LimiterError(
-                'adding clsact qdisc to %s: an %r qdisc holds ffff: already; remove it '
-                '(tc qdisc del dev %s ingress) after checking what uses it'
+                "adding clsact qdisc to %s: an %r qdisc holds ffff: already; remove it "
+                "(tc qdisc del dev %s ingress) after checking what uses it"
                 % (self._where(ifname), kind, ifname),
-                {'ifname': ifname, 'netns': self.netns, 'qdisc': kind})
+                {"ifname": ifname, "netns": self.netns, "qdisc": kind},
+            )
         try:
-            self.ipr.tc('add', 'clsact', self.interface_index(ifname))
+            self.ipr.tc("add", "clsact", self.interface_index(ifname))
         except _NL_ERRORS as e:
-            if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == 'clsact':
-                return False     # someone else was quicker
-            raise self._error('adding clsact qdisc to', ifname, e)
+            if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == "clsact":
+                return False  # someone else was quicker
+            raise self._error("adding clsact qdisc to", ifname, e)
         return True
 
     def remove_clsact_if_empty(self, ifname):
         """Delete the clsact qdisc if neither ingress nor egress holds a filter."""
-        if self.clsact_kind(ifname) != 'clsact':
+        if self.clsact_kind(ifname) != "clsact":
             return False
-        if self._dump_filters(ifname, TC_H_INGRESS_HOOK) or \
-                self._dump_filters(ifname, TC_H_EGRESS_HOOK):
+        if self._dump_filters(ifname, TC_H_INGRESS_HOOK) or self._dump_filters(
+            ifname, TC_H_EGRESS_HOOK
+        ):
             return False
         try:
-            self.ipr.tc('del', 'clsact', self.interface_index(ifname))
+            self.ipr.tc("del", "clsact", self.interface_index(ifname))
         except _NL_ERRORS as e:
             if _code(e) in (errno.ENOENT, errno.EINVAL):
                 return False
-            raise self._error('removing clsact qdisc from', ifname, e)
+            raise self._error("removing clsact qdisc from", ifname, e)
         return True
 
     # -- filters ---------------------------------------------------------------
@@ -321,41 +341,65 @@ class Tc:
         """Filters on ifname's clsact ingress hook, in dump order (by pref):
         dicts of pref, protocol, handle, kind, name, direct_action, prog_id,
         prog_tag (the last four None where the kind is not bpf)."""
-        return [_filter_view(msg) for msg in self._dump_filters(ifname, TC_H_INGRESS_HOOK)
-                if msg['handle'] and msg.get_attr('TCA_OPTIONS') is not None]
+        return [
+            _filter_view(msg)
+            for msg in self._dump_filters(ifname, TC_H_INGRESS_HOOK)
+            if msg["handle"] and msg.get_attr("TCA_OPTIONS") is not None
+        ]
 
     def attach(self, ifname, prog_fd, name, pref, handle):
         """Put prog_fd at (pref, handle) on ifname's ingress, direct-action, all
         protocols. Create-or-replace in one netlink request: an existing filter
         there is swapped atomically, and no second filter is ever added."""
         _check_name(name)
-        for value, label in ((pref, 'pref'), (handle, 'handle')):
-            if isinstance(value, bool) or not isinstance(value, int) or \
-                    not 0 < value <= 0xFFFF:
-                raise LimiterError('attaching %s to %s: %s must be 1..65535, not %r'
-                                   % (name, self._where(ifname), label, value))
+        for value, label in ((pref, "pref"), (handle, "handle")):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFFF:
+                raise LimiterError(
+                    "attaching %s to %s: %s must be 1..65535, not %r"
+                    % (name, self._where(ifname), label, value)
+                )
         index = self.interface_index(ifname)
         try:
-            self.ipr.tc('replace-filter', 'bpf', index, handle, fd=prog_fd, name=name,
-                        parent=TC_H_INGRESS_HOOK, prio=pref, protocol=ETH_P_ALL,
-                        direct_action=True)
+            self.ipr.tc(
+                "replace-filter",
+                "bpf",
+                index,
+                handle,
+                fd=prog_fd,
+                name=name,
+                parent=TC_H_INGRESS_HOOK,
+                prio=pref,
+                protocol=ETH_P_ALL,
+                direct_action=True,
+            )
         except _NL_ERRORS as e:
-            doing = ('attaching BPF filter %s (pref %d, handle %d) to ingress of'
-                     % (name, pref, handle))
+            doing = "attaching BPF filter %s (pref %d, handle %d) to ingress of" % (
+                name,
+                pref,
+                handle,
+            )
             raise self._error(doing, ifname, e, pref=pref, handle=handle)
 
     def detach(self, ifname, pref, handle):
         """Delete the ingress filter at (pref, handle); False if there was none."""
-        present = any(f['pref'] == pref and f['handle'] == handle
-                      for f in self.list_filters(ifname))
+        present = any(
+            f["pref"] == pref and f["handle"] == handle for f in self.list_filters(ifname)
+        )
         if not present:
             return False
         try:
-            self.ipr.tc('del-filter', 'bpf', self.interface_index(ifname), handle,
-                        parent=TC_H_INGRESS_HOOK, prio=pref, protocol=ETH_P_ALL)
+            self.ipr.tc(
+                "del-filter",
+                "bpf",
+                self.interface_index(ifname),
+                handle,
+                parent=TC_H_INGRESS_HOOK,
+                prio=pref,
+                protocol=ETH_P_ALL,
+            )
         except _NL_ERRORS as e:
             if _code(e) == errno.ENOENT:
                 return False
-            doing = 'detaching filter (pref %d, handle %d) from ingress of' % (pref, handle)
+            doing = "detaching filter (pref %d, handle %d) from ingress of" % (pref, handle)
             raise self._error(doing, ifname, e, pref=pref, handle=handle)
         return True

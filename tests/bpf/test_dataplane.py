@@ -18,6 +18,7 @@ def opened(dp, **kwargs):
 
 # -- the limit ---------------------------------------------------------------------------
 
+
 def test_consumes_up_to_the_limit_pass_and_are_counted(dp):
     flow = opened(dp)
     for expected in (1, 2, 3):
@@ -89,6 +90,7 @@ def test_consumers_on_several_channels_add_up(dp):
 
 # -- what frees a slot -------------------------------------------------------------------
 
+
 def test_cancel_frees_a_slot(dp):
     flow = opened(dp)
     for _i in range(3):
@@ -135,8 +137,9 @@ def test_connection_close_forgets_the_connection(dp, closing):
     assert dp.counters()["conns_forgotten"] == 1
 
 
-@pytest.mark.parametrize("flags", [packets.FIN | packets.ACK, packets.RST,
-                                   packets.RST | packets.ACK])
+@pytest.mark.parametrize(
+    "flags", [packets.FIN | packets.ACK, packets.RST, packets.RST | packets.ACK]
+)
 def test_fin_and_rst_forget_the_connection(dp, flags):
     flow = opened(dp)
     flow.send(amqp.consume(1))
@@ -155,7 +158,7 @@ def test_reused_client_port_starts_from_zero(dp):
     flow = opened(dp)
     for _i in range(3):
         flow.send(amqp.consume(1))
-    again = opened(dp, isn=900000)      # same 4-tuple: SYN, then a new protocol header
+    again = opened(dp, isn=900000)  # same 4-tuple: SYN, then a new protocol header
     assert again.consumers() == 0
     assert again.channels() == {}
     assert again.send(amqp.consume(1)) == TC_ACT_OK
@@ -165,7 +168,7 @@ def test_new_protocol_header_without_syn_starts_from_zero(dp):
     flow = opened(dp)
     for _i in range(3):
         flow.send(amqp.consume(1))
-    reused = Flow(dp, isn=5000000)      # the SYN went unseen (limiter attached late)
+    reused = Flow(dp, isn=5000000)  # the SYN went unseen (limiter attached late)
     assert reused.send(amqp.PROTOCOL_HEADER) == TC_ACT_OK
     assert reused.consumers() == 0
     assert reused.send(amqp.consume(1)) == TC_ACT_OK
@@ -173,6 +176,7 @@ def test_new_protocol_header_without_syn_starts_from_zero(dp):
 
 
 # -- the byte stream ---------------------------------------------------------------------
+
 
 def test_pipelined_consumes_in_one_segment_are_all_counted(dp):
     flow = opened(dp)
@@ -193,7 +197,7 @@ def test_a_refused_segment_commits_nothing(dp):
     assert (counters["channel_closes"], counters["cancels"]) == (0, 0)
     assert counters["consumes_allowed"] == 3
     # The same bytes, cut so that the fourth consume comes later, pass up to it.
-    assert flow.send(segment[:-len(amqp.consume(2))]) == TC_ACT_OK
+    assert flow.send(segment[: -len(amqp.consume(2))]) == TC_ACT_OK
     assert flow.channels() == {2: 3}
 
 
@@ -227,7 +231,7 @@ def test_frame_spanning_many_segments_is_skipped_by_position(dp):
     flow = opened(dp)
     message = amqp.publish(1, amqp.consume_lookalike_body() * 2000) + amqp.consume(3)
     for start in range(0, len(message), 1448):
-        assert flow.send(message[start:start + 1448]) == TC_ACT_OK
+        assert flow.send(message[start : start + 1448]) == TC_ACT_OK
     assert flow.channels() == {3: 1}
 
 
@@ -282,7 +286,7 @@ def test_retransmission_of_a_stashed_header(dp):
     seq = flow.seq
     consume = amqp.consume(1)
     flow.send(consume[:4])
-    assert flow.send(consume[:6], seq=seq) == TC_ACT_OK    # resent, a little longer
+    assert flow.send(consume[:6], seq=seq) == TC_ACT_OK  # resent, a little longer
     assert flow.state().stash_len == 6
     assert flow.send(consume[6:], seq=seq + 6) == TC_ACT_OK
     assert flow.channels() == {1: 1}
@@ -296,8 +300,9 @@ def test_heartbeats_are_walked(dp):
 
 # -- joining, losing and regaining the stream ----------------------------------------------
 
+
 def test_connection_older_than_the_limiter_is_picked_up_at_a_frame(dp):
-    flow = Flow(dp, isn=777)            # no SYN, no protocol header seen
+    flow = Flow(dp, isn=777)  # no SYN, no protocol header seen
     assert flow.send(amqp.consume(1) + amqp.consume(1)) == TC_ACT_OK
     assert flow.consumers() == 2
     assert dp.counters()["resyncs"] == 1
@@ -306,27 +311,30 @@ def test_connection_older_than_the_limiter_is_picked_up_at_a_frame(dp):
 def test_connection_older_than_the_limiter_waits_for_a_frame_boundary(dp):
     flow = Flow(dp, isn=777)
     message = amqp.publish(1, amqp.consume_lookalike_body() * 40)
-    assert flow.send(message[30:700]) == TC_ACT_OK         # mid-frame: not understood
+    assert flow.send(message[30:700]) == TC_ACT_OK  # mid-frame: not understood
     assert flow.state() is None
     assert dp.counters()["unparsed"] == 1
-    assert flow.send(amqp.consume(1)) == TC_ACT_OK         # starts on a frame
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK  # starts on a frame
     assert flow.channels() == {1: 1}
 
 
-@pytest.mark.parametrize("bad", [
-    pytest.param(lambda: amqp.heartbeat()[:-1] + b"\x00", id="bad-end-octet"),
-    pytest.param(lambda: b"\x01\x00\x01\x7f\xff\xff\xff" + b"\x00" * 20, id="absurd-size"),
-    pytest.param(lambda: b"\x05\x00\x01\x00\x00\x00\x04" + b"\x00" * 5, id="unknown-type"),
-    pytest.param(lambda: b"\x01\x00\x01\x00\x00\x00\x02\x00\x3c\xce", id="method-too-short"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda: amqp.heartbeat()[:-1] + b"\x00", id="bad-end-octet"),
+        pytest.param(lambda: b"\x01\x00\x01\x7f\xff\xff\xff" + b"\x00" * 20, id="absurd-size"),
+        pytest.param(lambda: b"\x05\x00\x01\x00\x00\x00\x04" + b"\x00" * 5, id="unknown-type"),
+        pytest.param(lambda: b"\x01\x00\x01\x00\x00\x00\x02\x00\x3c\xce", id="method-too-short"),
+    ],
+)
 def test_malformed_stream_passes_and_is_unparsed_until_a_boundary(dp, bad):
     flow = opened(dp)
     flow.send(amqp.consume(1))
     assert flow.send(bad() + amqp.consume(1)) == TC_ACT_OK
     assert flow.state().synced == 0
     assert dp.counters()["unparsed"] == 1
-    assert flow.send(b"\x00garbage" * 4) == TC_ACT_OK        # still lost: passes
-    assert flow.send(amqp.consume(2)) == TC_ACT_OK           # a boundary: tracked again
+    assert flow.send(b"\x00garbage" * 4) == TC_ACT_OK  # still lost: passes
+    assert flow.send(amqp.consume(2)) == TC_ACT_OK  # a boundary: tracked again
     assert flow.state().synced == 1
     assert flow.channels() == {1: 1, 2: 1}
     assert dp.counters()["resyncs"] == 1
@@ -336,7 +344,7 @@ def test_gap_in_the_stream_resyncs_at_the_next_boundary(dp):
     flow = opened(dp)
     flow.send(amqp.consume(1))
     lost = amqp.publish(1, b"x" * 100)
-    flow.seq += len(lost)               # that segment never reached us
+    flow.seq += len(lost)  # that segment never reached us
     assert flow.send(amqp.consume(2)) == TC_ACT_OK
     assert flow.channels() == {1: 1, 2: 1}
     assert dp.counters()["resyncs"] == 1
@@ -348,7 +356,7 @@ def test_more_frames_than_the_walk_bound_fail_open(dp):
     assert flow.send(many) == TC_ACT_OK
     assert flow.state().synced == 0
     assert dp.counters()["unparsed"] == 1
-    assert flow.send(amqp.consume(1)) == TC_ACT_OK     # resynced
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK  # resynced
     assert flow.state().synced == 1
 
 
@@ -357,9 +365,9 @@ def test_a_retransmission_after_lost_sync_is_not_counted_again(dataplanes):
     flow = opened(dp)
     seq = flow.seq
     many = amqp.consume(1) + amqp.heartbeat() * (_render.MAX_FRAMES + 1)
-    assert flow.send(many) == TC_ACT_OK             # the walk runs out of frames
+    assert flow.send(many) == TC_ACT_OK  # the walk runs out of frames
     assert (flow.state().synced, flow.consumers()) == (0, 1)
-    assert flow.send(many, seq=seq) == TC_ACT_OK    # resent: no rejoin on applied bytes
+    assert flow.send(many, seq=seq) == TC_ACT_OK  # resent: no rejoin on applied bytes
     assert flow.consumers() == 1
     assert flow.send(amqp.consume(2)) == TC_ACT_OK  # the client's real second consume
     assert flow.channels() == {1: 1, 2: 1}
@@ -373,9 +381,9 @@ def test_a_lost_segment_resent_later_resyncs_where_the_stream_stopped(dp):
     lost = amqp.consume(2)
     flow.seq += len(lost)
     after = amqp.publish(1, b"x" * 50)
-    assert flow.send(after[5:]) == TC_ACT_OK        # arrives first, mid-frame: a gap
+    assert flow.send(after[5:]) == TC_ACT_OK  # arrives first, mid-frame: a gap
     assert flow.state().synced == 0
-    assert flow.send(lost, seq=hole) == TC_ACT_OK   # the retransmission fills the hole
+    assert flow.send(lost, seq=hole) == TC_ACT_OK  # the retransmission fills the hole
     assert flow.state().synced == 1
     assert flow.channels() == {1: 1, 2: 1}
 
@@ -389,6 +397,7 @@ def test_frames_up_to_the_walk_bound_are_all_walked(dp):
 
 
 # -- addresses and encapsulations ----------------------------------------------------------
+
 
 def test_ipv6(dp):
     flow = opened(dp, client="fd00::2")
@@ -406,16 +415,19 @@ def test_ipv4_and_ipv6_connections_are_distinct(dp):
 
 
 def test_ipv4_options(dp):
-    flow = opened(dp, ip_options=b"\x01" * 8)       # eight NOPs: IHL 7
+    flow = opened(dp, ip_options=b"\x01" * 8)  # eight NOPs: IHL 7
     flow.send(amqp.consume(1) * 3)
     assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
     assert flow.consumers() == 3
 
 
-@pytest.mark.parametrize("vlans", [
-    pytest.param(((packets.ETH_8021Q, 10),), id="802.1Q"),
-    pytest.param(((packets.ETH_8021AD, 20), (packets.ETH_8021Q, 10)), id="QinQ"),
-])
+@pytest.mark.parametrize(
+    "vlans",
+    [
+        pytest.param(((packets.ETH_8021Q, 10),), id="802.1Q"),
+        pytest.param(((packets.ETH_8021AD, 20), (packets.ETH_8021Q, 10)), id="QinQ"),
+    ],
+)
 def test_vlan_tags_inline(dp, vlans):
     flow = opened(dp, vlans=vlans)
     flow.send(amqp.consume(1) * 3)
@@ -426,8 +438,10 @@ def test_vlan_tags_inline(dp, vlans):
 @pytest.mark.parametrize("nexthdr", [0, 43, 44, 60])
 def test_ipv6_extension_headers_pass_unparsed(dp, nexthdr):
     segment = packets.tcp("fd00::2", "fd00::1", 40000, 5672, 1, amqp.consume(1))
-    packet = packets.ethernet(packets.ipv6("fd00::2", "fd00::1", b"\x06\x00" + b"\x00" * 6 +
-                                           segment, nexthdr=nexthdr), packets.ETH_IPV6)
+    packet = packets.ethernet(
+        packets.ipv6("fd00::2", "fd00::1", b"\x06\x00" + b"\x00" * 6 + segment, nexthdr=nexthdr),
+        packets.ETH_IPV6,
+    )
     assert dp.run(packet)[0] == TC_ACT_OK
     assert dp.counters()["unparsed"] == 1
     assert dp.counters()["segments"] == 0
@@ -435,17 +449,19 @@ def test_ipv6_extension_headers_pass_unparsed(dp, nexthdr):
 
 def test_ipv4_fragments_pass_unparsed(dp):
     segment = packets.tcp("198.18.0.2", "198.18.0.1", 40000, 5672, 1, amqp.consume(1))
-    for frag_off in (0x2000, 0x0010):       # first fragment (MF), later fragment
-        packet = packets.ethernet(packets.ipv4("198.18.0.2", "198.18.0.1", segment,
-                                               frag_off=frag_off), packets.ETH_IP)
+    for frag_off in (0x2000, 0x0010):  # first fragment (MF), later fragment
+        packet = packets.ethernet(
+            packets.ipv4("198.18.0.2", "198.18.0.1", segment, frag_off=frag_off), packets.ETH_IP
+        )
         assert dp.run(packet)[0] == TC_ACT_OK
     assert dp.counters()["unparsed"] == 2
 
 
 def test_other_ports_and_protocols_are_not_looked_at(dp):
     other = packets.tcp_packet("198.18.0.2", "198.18.0.1", 40000, 5671, 1, amqp.consume(1))
-    udp = packets.ethernet(packets.ipv4("198.18.0.2", "198.18.0.1", b"\x00" * 16, proto=17),
-                           packets.ETH_IP)
+    udp = packets.ethernet(
+        packets.ipv4("198.18.0.2", "198.18.0.1", b"\x00" * 16, proto=17), packets.ETH_IP
+    )
     arp = packets.ethernet(b"\x00" * 28, 0x0806)
     for packet in (other, udp, arp):
         assert dp.run(packet) == (TC_ACT_OK, packet)
@@ -453,7 +469,7 @@ def test_other_ports_and_protocols_are_not_looked_at(dp):
 
 
 def test_a_truncated_tcp_header_passes(dp):
-    packet = packets.tcp_packet("198.18.0.2", "198.18.0.1", 40000, 5672, 1, b"")[:14 + 20 + 10]
+    packet = packets.tcp_packet("198.18.0.2", "198.18.0.1", 40000, 5672, 1, b"")[: 14 + 20 + 10]
     assert dp.run(packet)[0] == TC_ACT_OK
     assert dp.counters()["unparsed"] == 1
 
@@ -476,6 +492,7 @@ def test_custom_port(dataplanes):
 
 
 # -- actions -------------------------------------------------------------------------------
+
 
 def test_reset_turns_the_over_limit_segment_into_a_valid_rst(dataplanes):
     dp = dataplanes(limit=1, action="reset")

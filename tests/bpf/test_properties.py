@@ -33,7 +33,8 @@ bodies = st.one_of(
     st.binary(max_size=600),
     st.integers(min_value=1, max_value=12).map(lambda n: amqp.consume_lookalike_body() * n),
     st.integers(min_value=FRAME_MAX - 100, max_value=2 * FRAME_MAX + 50).map(
-        lambda n: (amqp.consume(1) * (n // 21 + 1))[:n]),
+        lambda n: (amqp.consume(1) * (n // 21 + 1))[:n]
+    ),
 )
 frames = st.one_of(
     channels.map(amqp.consume),
@@ -57,9 +58,12 @@ def test_classifier_agrees_with_the_model(dataplanes, variant):
     dp = dataplanes(frame_max=FRAME_MAX, **variant)
 
     @settings(max_examples=EXAMPLES)
-    @given(stream_frames=st.lists(frames, max_size=40), plan=st.lists(cuts, max_size=60),
-           isn=st.integers(min_value=0, max_value=2**32 - 1),
-           close_at_end=st.booleans())
+    @given(
+        stream_frames=st.lists(frames, max_size=40),
+        plan=st.lists(cuts, max_size=60),
+        isn=st.integers(min_value=0, max_value=2**32 - 1),
+        close_at_end=st.booleans(),
+    )
     def check(stream_frames, plan, isn, close_at_end):
         dp.reset_state()
         stream = amqp.PROTOCOL_HEADER + b"".join(stream_frames)

@@ -18,10 +18,14 @@ pytestmark = pytest.mark.bpf
 
 def render_source(force, **config):
     """The rendered C of a variant, with or without the test-only knob."""
-    validated = _render.validate(config.pop("port", 5672), config.pop("limit", 3),
-                                 config.pop("action", "drop"), config.pop("l2", "ethernet"),
-                                 _render.BPFFS_ROOT + "/rg-render-only",
-                                 config.pop("frame_max", _render.DEFAULT_FRAME_MAX))
+    validated = _render.validate(
+        config.pop("port", 5672),
+        config.pop("limit", 3),
+        config.pop("action", "drop"),
+        config.pop("l2", "ethernet"),
+        _render.BPFFS_ROOT + "/rg-render-only",
+        config.pop("frame_max", _render.DEFAULT_FRAME_MAX),
+    )
     assert not config
     if force:
         validated = dict(validated, force_skb_load_bytes=True)

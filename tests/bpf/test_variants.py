@@ -14,10 +14,13 @@ pytestmark = pytest.mark.bpf
 
 @pytest.mark.parametrize("l2", _render.L2_KINDS)
 @pytest.mark.parametrize("action", _render.ACTIONS)
-@pytest.mark.parametrize("limit, port, frame_max", [
-    (0, 1, 4096),
-    (65535, 65535, 1 << 28),
-])
+@pytest.mark.parametrize(
+    "limit, port, frame_max",
+    [
+        (0, 1, 4096),
+        (65535, 65535, 1 << 28),
+    ],
+)
 def test_variant_loads_and_limits(action, l2, limit, port, frame_max):
     dp = Dataplane(limit=limit, action=action, port=port, l2=l2, frame_max=frame_max)
     try:
@@ -33,12 +36,15 @@ def test_variant_loads_and_limits(action, l2, limit, port, frame_max):
         dp.close()
 
 
-@pytest.mark.parametrize("table, key_type, value_type", [
-    ("conns", _layout.ConnKey, _layout.ConnState),
-    ("channels", _layout.ChanKey, _layout.ChanState),
-    ("counters", ctypes.c_uint32, _layout.Counters),
-    ("config", ctypes.c_uint32, _layout.DeployedConfig),
-])
+@pytest.mark.parametrize(
+    "table, key_type, value_type",
+    [
+        ("conns", _layout.ConnKey, _layout.ConnState),
+        ("channels", _layout.ChanKey, _layout.ChanState),
+        ("counters", ctypes.c_uint32, _layout.Counters),
+        ("config", ctypes.c_uint32, _layout.DeployedConfig),
+    ],
+)
 def test_userspace_layout_matches_the_c_structs(dataplanes, table, key_type, value_type):
     bcc_table = dataplanes(limit=3, action="drop").bpf[table.encode()]
     # A per-CPU table's Leaf is the array of all CPUs' values; sLeaf is one of them.
@@ -46,8 +52,9 @@ def test_userspace_layout_matches_the_c_structs(dataplanes, table, key_type, val
     for ours, theirs in ((key_type, bcc_table.Key), (value_type, leaf)):
         assert ctypes.sizeof(ours) == ctypes.sizeof(theirs)
         if hasattr(ours, "_fields_"):
-            assert [name for name, _t in ours._fields_] == \
-                [name for name, _t in theirs._fields_ if not name.startswith("__pad")]
+            assert [name for name, _t in ours._fields_] == [
+                name for name, _t in theirs._fields_ if not name.startswith("__pad")
+            ]
 
 
 def test_maps_are_pinned_and_reused_by_a_reload(dataplanes):
@@ -56,15 +63,16 @@ def test_maps_are_pinned_and_reused_by_a_reload(dataplanes):
     flow.handshake()
     flow.send(amqp.consume(1) * 2)
     # A second program at the same pins (a changed limit) sees the same connections.
-    source = _render.render(_render.validate(5672, 5, "drop", "ethernet", dp.pin_dir),
-                            _render.read_template())
+    source = _render.render(
+        _render.validate(5672, 5, "drop", "ethernet", dp.pin_dir), _render.read_template()
+    )
     from ansible_collections.rabbitguard.limiter.plugins.module_utils import _compile
 
     bpf, function = _compile.compile_and_load(source, dp.pin_dir)
     first_function = dp.function
     try:
         dp.function = function
-        assert flow.send(amqp.consume(1) * 3) == TC_ACT_OK        # 5 allowed now
+        assert flow.send(amqp.consume(1) * 3) == TC_ACT_OK  # 5 allowed now
         assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
         assert flow.consumers() == 5
     finally:

@@ -57,12 +57,12 @@ def _build(tmp_path, name):
 def test_boot_program_is_reproducible_and_holds_no_ansible_code(tmp_path):
     first, second = _build(tmp_path, "a.pyz"), _build(tmp_path, "b.pyz")
     with open(first, "rb") as a, open(second, "rb") as b:
-        assert a.read() == b.read()        # an unchanged collection copies nothing
+        assert a.read() == b.read()  # an unchanged collection copies nothing
     names = zipfile.ZipFile(first).namelist()
     assert "__main__.py" in names
     assert "rabbitguard_limiter/rabbit_limiter.c.j2" in names
     assert "rabbitguard_limiter/_reattach.py" in names
-    assert "rabbitguard_limiter/_runner.py" not in names      # the one that imports Ansible
+    assert "rabbitguard_limiter/_runner.py" not in names  # the one that imports Ansible
 
 
 def test_boot_program_runs_without_ansible_and_reports_a_bad_config(tmp_path):
@@ -70,29 +70,42 @@ def test_boot_program_runs_without_ansible_and_reports_a_bad_config(tmp_path):
     config = tmp_path / "limiter.json"
     config.write_text(json.dumps({"limit": 5, "colour": "red"}))
     # -I: isolated, no site-packages of the venv (so no Ansible).
-    proc = subprocess.run(["/usr/bin/python3", "-I", pyz, str(config)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", pyz, str(config)], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 1
     assert "unknown keys colour" in proc.stderr
 
 
 def test_load_config_fills_in_the_module_defaults(tmp_path):
     path = tmp_path / "limiter.json"
-    path.write_text(json.dumps({"limit": 5, "action": "reset", "interfaces": None,
-                                "netns": None, "kernel_headers": None}))
+    path.write_text(
+        json.dumps(
+            {
+                "limit": 5,
+                "action": "reset",
+                "interfaces": None,
+                "netns": None,
+                "kernel_headers": None,
+            }
+        )
+    )
     params = _reattach.load_config(str(path))
     assert params["limit"] == 5 and params["action"] == "reset"
     assert params["port"] == 5672 and params["interfaces"] is None
     assert params["pin_dir"] == "/sys/fs/bpf/rabbitguard"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("not json", "not JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    (json.dumps({"limit": "ten"}), "limit must be an integer"),
-    (json.dumps({"action": "explode"}), "action must be one of"),
-    (json.dumps({"interfaces": "eth0"}), "interfaces must be a list"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"limit": "ten"}), "limit must be an integer"),
+        (json.dumps({"action": "explode"}), "action must be one of"),
+        (json.dumps({"interfaces": "eth0"}), "interfaces must be a list"),
+    ],
+)
 def test_load_config_refuses_bad_content(tmp_path, content, message):
     path = tmp_path / "limiter.json"
     path.write_text(content)
@@ -114,13 +127,19 @@ def test_boot_unit_is_a_valid_systemd_unit(tmp_path):
     env.filters["int"] = int
     with open(os.path.join(ROLE, "templates", "rabbitguard-limiter.service.j2")) as handle:
         text = env.from_string(handle.read()).render(
-            ansible_managed="Ansible managed", tc_limiter_boot_wait=120,
+            ansible_managed="Ansible managed",
+            tc_limiter_boot_wait=120,
             _tc_limiter_config_file="/etc/rabbitguard/limiter.json",
-            _tc_limiter_pyz="/usr/local/lib/rabbitguard/limiter/rabbitguard-reattach.pyz")
+            _tc_limiter_pyz="/usr/local/lib/rabbitguard/limiter/rabbitguard-reattach.pyz",
+        )
     unit = tmp_path / "rabbitguard-limiter.service"
     unit.write_text(text)
-    proc = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True,
-                          text=True, env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path),
-                          check=False)
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ExecStart=/usr/bin/python3 /usr/local/lib/rabbitguard/limiter/" in text

@@ -12,8 +12,12 @@ from tests.lib.ansible_run import INFO, LIMIT
 
 # /run/lock: the module's host lock (/run/lock/rabbitguard-limiter.lock) is per host, as on
 # real hosts, instead of one lock shared by every lab host and every lab on this machine.
-CFG = lab.Config(prefix="rgi", subnet=240, state_dir="/run/rabbitguard-lab-rgi",
-                 extra_private_dirs=("/run/lock",))
+CFG = lab.Config(
+    prefix="rgi",
+    subnet=240,
+    state_dir="/run/rabbitguard-lab-rgi",
+    extra_private_dirs=("/run/lock",),
+)
 N_HOSTS = 2
 QUEUE = "rgi-q"
 PIN_ROOT = "/sys/fs/bpf/rabbitguard"
@@ -51,16 +55,25 @@ def snapshot(host):
 def broker_connections(host):
     """{client port: {"name": connection_name, "channels": {n: consumers}}} as the broker
     lists them (rabbitmqctl on the host)."""
-    out = run(host, ["sh", "-c",
-                     "rabbitmqctl -q --formatter json list_connections name peer_port "
-                     "client_properties && echo @@ && rabbitmqctl -q --formatter json "
-                     "list_channels name consumer_count"]).stdout
+    out = run(
+        host,
+        [
+            "sh",
+            "-c",
+            "rabbitmqctl -q --formatter json list_connections name peer_port "
+            "client_properties && echo @@ && rabbitmqctl -q --formatter json "
+            "list_channels name consumer_count",
+        ],
+    ).stdout
     conns_text, chans_text = out.split("@@")
     by_name = {}
     for conn in json.loads(conns_text):
         props = dict((p[0], p[2]) for p in conn["client_properties"])
-        by_name[conn["name"]] = {"port": conn["peer_port"], "channels": {},
-                                 "name": props.get("connection_name")}
+        by_name[conn["name"]] = {
+            "port": conn["peer_port"],
+            "channels": {},
+            "name": props.get("connection_name"),
+        }
     for chan in json.loads(chans_text):
         conn_name, _sp, number = chan["name"].rpartition(" (")
         if conn_name in by_name:

@@ -41,7 +41,7 @@ def lab_hosts():
     keep = os.environ.get("RG_IT_KEEP_LAB", "") not in ("", "0")
     try:
         if not keep:
-            lab.down(cfg=CFG, log=log)      # leftovers of an interrupted run
+            lab.down(cfg=CFG, log=log)  # leftovers of an interrupted run
         hosts = lab.up(n=N_HOSTS, cfg=CFG, log=log)
         yield {h["name"]: h for h in hosts}
     finally:
@@ -59,8 +59,7 @@ def ansible(lab_hosts, workdir):
     inventory = os.path.join(workdir, "hosts.yml")
     with open(inventory, "w") as handle:
         handle.write(lab.render_inventory(CFG, N_HOSTS))
-    runner = Ansible(inventory, workdir,
-                     collections_path=os.environ.get("RG_IT_COLLECTIONS_PATH"))
+    runner = Ansible(inventory, workdir, collections_path=os.environ.get("RG_IT_COLLECTIONS_PATH"))
     # The collection resolves (else every test fails on the same, less obvious, error).
     proc = runner.doc(LIMIT)
     assert proc.returncode == 0 and LIMIT in proc.stdout, proc.stdout + proc.stderr

@@ -38,8 +38,11 @@ def limited(ansible, lab_hosts, queues):
 
 
 def refused_fast(outcome):
-    return (outcome.error is not None and outcome.error.kind == "connection"
-            and outcome.error.elapsed < 1.5)
+    return (
+        outcome.error is not None
+        and outcome.error.kind == "connection"
+        and outcome.error.elapsed < 1.5
+    )
 
 
 def test_cancel_frees_a_slot(limited, queues, client_pool):
@@ -62,7 +65,7 @@ def test_closing_a_channel_frees_its_consumers(limited, queues, client_pool):
     opened = open_consumers(client, queues, LIMIT, channels=[ch_a, ch_a, ch_b])
     assert opened.count == LIMIT and opened.error is None, opened
 
-    client.close_channel(ch_a)      # held 2 of the 3
+    client.close_channel(ch_a)  # held 2 of the 3
     more = open_consumers(client, queues, 4, channels=[ch_b])
 
     assert more.count == 2, more
@@ -87,8 +90,7 @@ def test_closing_the_connection_forgets_it(ansible, limited, queues, client_pool
     assert outcome.count == LIMIT and refused_fast(outcome), outcome
 
 
-def test_ipv4_and_ipv6_connections_are_counted_separately(
-        ansible, limited, queues, client_pool):
+def test_ipv4_and_ipv6_connections_are_counted_separately(ansible, limited, queues, client_pool):
     v4 = client_pool("pika", limited["ipv4"], "sep-v4")
     v6 = client_pool("amqp", limited["ipv6"], "sep-v6")
     for client in (v4, v6):
@@ -96,8 +98,9 @@ def test_ipv4_and_ipv6_connections_are_counted_separately(
         assert outcome.count == LIMIT and outcome.error is None, (client, outcome)
 
     entry = limiter_entry(info(ansible, HOST))
-    seen = dict((c["client"], c["consumers"]) for c in
-                (connection_of(entry, v4), connection_of(entry, v6)))
+    seen = dict(
+        (c["client"], c["consumers"]) for c in (connection_of(entry, v4), connection_of(entry, v6))
+    )
     assert seen == {"198.18.240.1": LIMIT, "fd00:5267:0:f0::1": LIMIT}, entry["connections"]
 
     # Each is at its own limit: the IPv6 connection is refused, the IPv4 one still works,
@@ -119,7 +122,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
     errors = []
 
     def publish():
-        body = b"x" * 20000         # frames spanning segments on the publisher's stream
+        body = b"x" * 20000  # frames spanning segments on the publisher's stream
         while not stop.is_set():
             try:
                 publisher.publish(pub_channel, queues, body)
@@ -141,12 +144,24 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
     assert not errors, errors
 
     assert entry["attached"] is True and isinstance(entry["program_id"], int)
-    assert entry["config"] == {"port": 5672, "limit": LIMIT, "action": "reset",
-                               "frame_max": 131072, "l2": "ethernet"}
+    assert entry["config"] == {
+        "port": 5672,
+        "limit": LIMIT,
+        "action": "reset",
+        "frame_max": 131072,
+        "l2": "ethernet",
+    }
     conn = connection_of(entry, consumer)
-    assert conn == {"client": "198.18.240.1", "client_port": consumer.local_port,
-                    "broker": limited["ipv4"], "broker_port": 5672, "consumers": LIMIT,
-                    "channels": {str(ch1): 2, str(ch2): 1}, "refused": 0, "synced": True}
+    assert conn == {
+        "client": "198.18.240.1",
+        "client_port": consumer.local_port,
+        "broker": limited["ipv4"],
+        "broker_port": 5672,
+        "consumers": LIMIT,
+        "channels": {str(ch1): 2, str(ch2): 1},
+        "refused": 0,
+        "synced": True,
+    }
     pub = connection_of(entry, publisher)
     assert pub is not None and pub["consumers"] == 0 and pub["refused"] == 0, pub
     assert entry["connection_count"] >= 2
@@ -171,7 +186,7 @@ def test_a_busy_connection_is_counted_exactly(limited, queues, client_pool):
     sent, errors = [], []
 
     def publish():
-        body = b"p" * 300000        # > frame_max: three body frames, many segments each
+        body = b"p" * 300000  # > frame_max: three body frames, many segments each
         while not stop.is_set():
             try:
                 client.publish(publishing, queues, body)
@@ -213,8 +228,9 @@ def test_a_live_limit_change_keeps_the_counts(ansible, limited, queues, client_p
     assert refused_fast(more), more
 
 
-def test_lowering_the_limit_keeps_live_consumers_and_refuses_new_ones(ansible, lab_hosts,
-                                                                      queues, client_pool):
+def test_lowering_the_limit_keeps_live_consumers_and_refuses_new_ones(
+    ansible, lab_hosts, queues, client_pool
+):
     # Runs after the live change above (limit 5): one compile less.
     ensure(ansible, HOST, limit=LIMIT + 2, action="reset")
     client = client_pool("pika", lab_hosts[HOST]["ipv4"], "lower")

@@ -36,8 +36,10 @@ def test_drop_stalls_the_consume_over_the_limit(ansible, lab_hosts, queues, clie
     ensure(ansible, HOST, limit=LIMIT, action="drop")
     refused_before = refused_so_far(ansible)
     # Two applications, two client libraries: each gets exactly `limit` consumers...
-    apps = [client_pool(library, lab_hosts[HOST]["ipv4"], "drop-" + library)
-            for library in ("pika", "aio-pika")]
+    apps = [
+        client_pool(library, lab_hosts[HOST]["ipv4"], "drop-" + library)
+        for library in ("pika", "aio-pika")
+    ]
     channels = [client.channel() for client in apps]
     for client, channel in zip(apps, channels):
         outcome = open_consumers(client, queues, LIMIT, channels=[channel])
@@ -45,8 +47,12 @@ def test_drop_stalls_the_consume_over_the_limit(ansible, lab_hosts, queues, clie
 
     # ... and the next consume (both at once) never gets its consume-ok.
     with concurrent.futures.ThreadPoolExecutor(len(apps)) as pool:
-        over = list(pool.map(lambda pair: open_consumers(pair[0], queues, 2, channels=[pair[1]]),
-                             zip(apps, channels)))
+        over = list(
+            pool.map(
+                lambda pair: open_consumers(pair[0], queues, 2, channels=[pair[1]]),
+                zip(apps, channels),
+            )
+        )
     for client, outcome in zip(apps, over):
         assert outcome.count == 0 and outcome.error.kind == "timeout", (client, outcome)
     # The broker holds exactly `limit` on each: the refused consume never reached it.
@@ -56,15 +62,15 @@ def test_drop_stalls_the_consume_over_the_limit(ansible, lab_hosts, queues, clie
     # The stream is stalled: the broker's heartbeat ends the connection (seconds, heartbeat 2).
     for client in apps:
         assert client.wait_lost(15), "the broker did not close the stalled connection"
-    assert wait_for(lambda: not {c.local_port for c in apps} & set(broker_connections(HOST)),
-                    10)
+    assert wait_for(lambda: not {c.local_port for c in apps} & set(broker_connections(HOST)), 10)
     # Each refusal was counted (a retransmission of it is refused, and counted, again).
     assert refused_so_far(ansible) >= refused_before + len(apps)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_reset_fails_the_client_fast_and_frees_the_connection(ansible, lab_hosts, queues,
-                                                              client_pool, family):
+def test_reset_fails_the_client_fast_and_frees_the_connection(
+    ansible, lab_hosts, queues, client_pool, family
+):
     ensure(ansible, HOST, limit=LIMIT, action="reset")
     client = client_pool("aio-pika", lab_hosts[HOST][family], "reset-" + family)
 
@@ -78,13 +84,15 @@ def test_reset_fails_the_client_fast_and_frees_the_connection(ansible, lab_hosts
     assert not client.alive
     # The broker let go of the connection as well (its side got the RST), and so did the
     # limiter.
-    assert wait_for(lambda: client.local_port not in broker_connections(HOST), 5), \
+    assert wait_for(lambda: client.local_port not in broker_connections(HOST), 5), (
         broker_connections(HOST)
+    )
     assert connection_of(limiter_entry(info(ansible, HOST)), client) is None
 
 
-def test_monitor_refuses_nothing_and_reports_what_it_would_have(ansible, lab_hosts, queues,
-                                                                client_pool):
+def test_monitor_refuses_nothing_and_reports_what_it_would_have(
+    ansible, lab_hosts, queues, client_pool
+):
     ensure(ansible, HOST, limit=LIMIT, action="monitor")
     refused_before = refused_so_far(ansible)
     client = client_pool("pika", lab_hosts[HOST]["ipv4"], "monitor")
@@ -103,8 +111,9 @@ def test_monitor_refuses_nothing_and_reports_what_it_would_have(ansible, lab_hos
     assert client.alive
 
 
-def test_port_selects_the_traffic_and_limit_zero_refuses_every_consume(ansible, lab_hosts,
-                                                                       queues, client_pool):
+def test_port_selects_the_traffic_and_limit_zero_refuses_every_consume(
+    ansible, lab_hosts, queues, client_pool
+):
     host = lab_hosts[HOST]
     ensure(ansible, HOST, limit=0, action="reset", port=5673)
     other_port = client_pool("pika", host["ipv4"], "port-5673")

@@ -21,8 +21,9 @@ HOST = "rabbit2"
 def test_simultaneous_runs_are_serialised(ansible, lab_hosts, queues, client_pool):
     forget(HOST)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda limit: ansible.run(HOST, LIMIT, limit=limit,
-                                                       action="reset"), (3, 4)))
+        runs = list(
+            pool.map(lambda limit: ansible.run(HOST, LIMIT, limit=limit, action="reset"), (3, 4))
+        )
 
     for result in runs:
         assert result["failed"] is False, result

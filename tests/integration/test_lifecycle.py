@@ -34,8 +34,23 @@ pytestmark = pytest.mark.integration
 HOSTS = ("rabbit1", "rabbit2")
 CONFIG = dict(limit=4, action="reset")
 STATE = {}
-FOREIGN = ["tc", "filter", "add", "dev", IFACE, "ingress", "protocol", "all", "pref", "1",
-           "handle", "1", "bpf", "bytecode", "1,6 0 0 0"]
+FOREIGN = [
+    "tc",
+    "filter",
+    "add",
+    "dev",
+    IFACE,
+    "ingress",
+    "protocol",
+    "all",
+    "pref",
+    "1",
+    "handle",
+    "1",
+    "bpf",
+    "bytecode",
+    "1,6 0 0 0",
+]
 
 
 def eth0_of(per_host):
@@ -115,8 +130,9 @@ def test_a_change_in_check_then_diff_mode(ansible, fleet):
     before = dict((h, snapshot(h)) for h in HOSTS)
     changed = {"limit": CONFIG["limit"] + 3, "action": CONFIG["action"]}
 
-    checked, applied = ansible.play("rabbit", [task(LIMIT, check=True, diff=True, **changed),
-                                               task(LIMIT, diff=True, **changed)])
+    checked, applied = ansible.play(
+        "rabbit", [task(LIMIT, check=True, diff=True, **changed), task(LIMIT, diff=True, **changed)]
+    )
 
     for host in HOSTS:
         for result in (checked[host], applied[host]):
@@ -157,15 +173,16 @@ def test_absent_restores_traffic_and_leaves_no_trace(ansible, fleet, queues, cli
         # (maps.debug and progs.debug are the kernel's own, in every bpffs.)
         left = set(run(host, ["ls", "-A", "/sys/fs/bpf"]).stdout.split())
         assert left <= {"maps.debug", "progs.debug"}, left
-    assert "clsact" not in tc_qdiscs("rabbit1")            # ours: gone with us
-    assert "clsact" in tc_qdiscs("rabbit2")                # theirs: kept, with their filter
+    assert "clsact" not in tc_qdiscs("rabbit1")  # ours: gone with us
+    assert "clsact" in tc_qdiscs("rabbit2")  # theirs: kept, with their filter
     assert "pref 1 bpf" in tc_filters("rabbit2")
     assert "pref %d" % PREF not in tc_filters("rabbit2")
     for host in HOSTS:
         for family, library in (("ipv4", "pika"), ("ipv6", "amqp")):
             client = client_pool(library, fleet[host][family], "free-%s-%s" % (host, family))
-            outcome = open_consumers(client, queues, 20, channels=[client.channel(),
-                                                                   client.channel()])
+            outcome = open_consumers(
+                client, queues, 20, channels=[client.channel(), client.channel()]
+            )
             assert outcome.count == 20 and outcome.error is None, (host, family, outcome)
 
 

@@ -39,8 +39,9 @@ def limited(host, queue, client_pool, name):
     """Does a fresh connection get exactly LIMIT consumers, the next one refused?"""
     client = client_pool("pika", host["ipv4"], name)
     outcome = open_consumers(client, queue, LIMIT + 2)
-    return outcome.count == LIMIT and outcome.error is not None \
-        and outcome.error.kind == "connection"
+    return (
+        outcome.count == LIMIT and outcome.error is not None and outcome.error.kind == "connection"
+    )
 
 
 def unlimited(host, queue, client_pool, name):
@@ -78,8 +79,22 @@ def repair_run(ansible, reason_words):
 
 
 def test_a_filter_deleted_by_hand_is_repaired(ansible, deployed, queues, client_pool):
-    run(HOST, ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", str(PREF), "handle",
-               hex(HANDLE), "bpf"])
+    run(
+        HOST,
+        [
+            "tc",
+            "filter",
+            "del",
+            "dev",
+            IFACE,
+            "ingress",
+            "pref",
+            str(PREF),
+            "handle",
+            hex(HANDLE),
+            "bpf",
+        ],
+    )
     assert our_filter_lines(tc_filters(HOST)) == []
     assert unlimited(deployed, queues, client_pool, "filter-gone")
 
@@ -108,12 +123,31 @@ def test_pins_deleted_by_hand_are_repaired(ansible, deployed, queues, client_poo
 
 
 @pytest.mark.parametrize("protocol", ["all", "ip"])
-def test_a_foreign_program_at_our_pref_and_handle_is_replaced(ansible, deployed, queues,
-                                                              client_pool, protocol):
+def test_a_foreign_program_at_our_pref_and_handle_is_replaced(
+    ansible, deployed, queues, client_pool, protocol
+):
     # Another tool's classifier (classic BPF "return 0": passes everything) takes our slot.
     run(HOST, ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", str(PREF)])
-    run(HOST, ["tc", "filter", "add", "dev", IFACE, "ingress", "protocol", protocol, "pref",
-               str(PREF), "handle", hex(HANDLE), "bpf", "bytecode", "1,6 0 0 0"])
+    run(
+        HOST,
+        [
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            IFACE,
+            "ingress",
+            "protocol",
+            protocol,
+            "pref",
+            str(PREF),
+            "handle",
+            hex(HANDLE),
+            "bpf",
+            "bytecode",
+            "1,6 0 0 0",
+        ],
+    )
     (line,) = our_filter_lines(tc_filters(HOST))
     assert "rabbitguard-" not in line and "bytecode" in line
     assert unlimited(deployed, queues, client_pool, "foreign-" + protocol)

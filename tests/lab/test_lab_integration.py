@@ -40,9 +40,21 @@ def hosts():
 
 def ssh(host, command, addr=None):
     argv = [
-        "ssh", "-i", host["ssh_key"], "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-        "-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no",
-        "-o", "LogLevel=ERROR", f"root@{addr or host['ipv4']}", command,
+        "ssh",
+        "-i",
+        host["ssh_key"],
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "LogLevel=ERROR",
+        f"root@{addr or host['ipv4']}",
+        command,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
 
@@ -53,9 +65,14 @@ def command(*argv):
 
 def amqp_connection(addr):
     params = pika.ConnectionParameters(
-        host=addr, port=lab.AMQP_PORT, virtual_host=lab.AMQP_VHOST,
+        host=addr,
+        port=lab.AMQP_PORT,
+        virtual_host=lab.AMQP_VHOST,
         credentials=pika.PlainCredentials(lab.AMQP_USER, lab.AMQP_PASSWORD),
-        heartbeat=5, socket_timeout=5, blocked_connection_timeout=5, connection_attempts=1,
+        heartbeat=5,
+        socket_timeout=5,
+        blocked_connection_timeout=5,
+        connection_attempts=1,
     )
     return pika.BlockingConnection(params)
 
@@ -94,9 +111,12 @@ def test_up_again_changes_nothing(hosts):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_root_logs_in_over_ssh_on_a_host_of_its_own(hosts, family):
     for host in hosts:
-        out = ssh(host, "hostname; id -u; findmnt -n -o FSTYPE /sys/fs/bpf; "
-                        "ip -j -4 route show default; ip -j -6 route show default",
-                  addr=host[family]).splitlines()
+        out = ssh(
+            host,
+            "hostname; id -u; findmnt -n -o FSTYPE /sys/fs/bpf; "
+            "ip -j -4 route show default; ip -j -6 route show default",
+            addr=host[family],
+        ).splitlines()
         assert out[:3] == [host["name"], "0", "bpf"]
         # "The interfaces of the default routes" are eth0, via the bridge's addresses.
         (route4,), (route6,) = json.loads(out[3]), json.loads(out[4])
@@ -123,8 +143,9 @@ def test_each_broker_takes_consumers_from_the_root_namespace(hosts, family):
             # The broker itself, asked inside the host as on any Debian host, sees it.
             listed = lab.run(host["name"], ["rabbitmqctl", "-q", "list_consumers"], cfg=CFG)
             assert tag in listed.stdout
-            (peer,) = lab.run(host["name"], ["ss", "-Htn", "state", "established",
-                                             "( sport = :5672 )"], cfg=CFG).stdout.splitlines()
+            (peer,) = lab.run(
+                host["name"], ["ss", "-Htn", "state", "established", "( sport = :5672 )"], cfg=CFG
+            ).stdout.splitlines()
             assert host[family] in peer
         finally:
             conn.close()

@@ -107,7 +107,10 @@ def test_inventory_command_prints_the_inventory_of_the_configured_lab(tmp_path):
     env = dict(os.environ, RG_LAB_PREFIX="mol2", RG_LAB_SUBNET="9", RG_LAB_STATE_DIR=str(tmp_path))
     out = subprocess.run(
         [sys.executable, LAB_PY, "inventory", "-n", "2"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     inv = yaml.safe_load(out)
     hosts = inv["all"]["children"]["rabbit"]["hosts"]
@@ -181,8 +184,13 @@ def test_private_dirs_are_bind_mounted_in_every_host_from_its_own_copy():
     assert cfg.extra_private_dirs == ("/etc/rabbitguard", "/usr/local/lib/rg")
     host = cfg.host(3)
     script = labmod._host_init_argv(cfg, host)[-1]
-    for path in ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq", "/etc/rabbitguard",
-                 "/usr/local/lib/rg"):
+    for path in (
+        "/etc/rabbitmq",
+        "/var/lib/rabbitmq",
+        "/var/log/rabbitmq",
+        "/etc/rabbitguard",
+        "/usr/local/lib/rg",
+    ):
         assert f"mount --bind {host.private_dir(path)} {path};" in script
     assert host.private_dir("/etc/rabbitguard") == f"{cfg.state_dir}/rabbit3/etc-rabbitguard"
     assert "mount -t bpf bpf /sys/fs/bpf;" in script

@@ -51,8 +51,9 @@ def channel_open(channel):
 
 
 def channel_close(channel):
-    return method(channel, CHANNEL_CLOSE, struct.pack(">H", 200) + shortstr("bye") +
-                  struct.pack(">HH", 0, 0))
+    return method(
+        channel, CHANNEL_CLOSE, struct.pack(">H", 200) + shortstr("bye") + struct.pack(">HH", 0, 0)
+    )
 
 
 def channel_close_ok(channel):
@@ -60,8 +61,9 @@ def channel_close_ok(channel):
 
 
 def connection_close():
-    return method(0, CONNECTION_CLOSE, struct.pack(">H", 200) + shortstr("bye") +
-                  struct.pack(">HH", 0, 0))
+    return method(
+        0, CONNECTION_CLOSE, struct.pack(">H", 200) + shortstr("bye") + struct.pack(">HH", 0, 0)
+    )
 
 
 def connection_close_ok():
@@ -74,12 +76,15 @@ def heartbeat():
 
 def publish(channel, body, exchange="", routing_key="q", frame_max=131072):
     """basic.publish, its content header and the body split into body frames."""
-    out = method(channel, BASIC_PUBLISH,
-                 struct.pack(">H", 0) + shortstr(exchange) + shortstr(routing_key) + b"\x00")
+    out = method(
+        channel,
+        BASIC_PUBLISH,
+        struct.pack(">H", 0) + shortstr(exchange) + shortstr(routing_key) + b"\x00",
+    )
     out += frame(HEADER, channel, struct.pack(">HHQH", 60, 0, len(body), 0))
     chunk = frame_max - 8
     for start in range(0, len(body), chunk):
-        out += frame(BODY, channel, body[start:start + chunk])
+        out += frame(BODY, channel, body[start : start + chunk])
     return out
 
 

@@ -33,7 +33,7 @@ INFO = "rabbitguard.limiter.rabbit_tc_limit_info"
 
 # A notification callback that appends each task result, as the task registered it, to the
 # file named by RGI_RESULTS_FILE: {"host", "task", "status", "result"} per line.
-CALLBACK = '''
+CALLBACK = """
 import json
 import os
 
@@ -66,7 +66,7 @@ class CallbackModule(CallbackBase):
 
     def v2_runner_on_skipped(self, result):
         self._write(result, "skipped")
-'''
+"""
 
 
 class AnsibleFailed(AssertionError):
@@ -90,19 +90,22 @@ class Ansible:
     def __init__(self, inventory, workdir, collections_path=None, timeout=300):
         self.inventory, self.workdir, self.timeout = inventory, workdir, timeout
         self.env = dict(os.environ)
-        self.env.update({
-            "ANSIBLE_CONFIG": ANSIBLE_CFG,
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            "ANSIBLE_LOCAL_TEMP": os.path.join(workdir, "ansible-local"),
-            "ANSIBLE_DEPRECATION_WARNINGS": "0",
-            "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
-        })
+        self.env.update(
+            {
+                "ANSIBLE_CONFIG": ANSIBLE_CFG,
+                "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+                "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_FORCE_COLOR": "0",
+                "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                "ANSIBLE_LOCAL_TEMP": os.path.join(workdir, "ansible-local"),
+                "ANSIBLE_DEPRECATION_WARNINGS": "0",
+                "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+            }
+        )
         self.env["ANSIBLE_COLLECTIONS_PATH"] = collections_path or os.path.join(
-            REPO_ROOT, ".collections")
+            REPO_ROOT, ".collections"
+        )
         # The results of every task, unabridged (diff included), as JSON lines.
         plugins = os.path.join(workdir, "callback_plugins")
         os.makedirs(plugins, exist_ok=True)
@@ -110,11 +113,18 @@ class Ansible:
             handle.write(CALLBACK)
         self.env["ANSIBLE_CALLBACK_PLUGINS"] = plugins
         self.env["ANSIBLE_CALLBACKS_ENABLED"] = "rgi_results"
-        self.runs = []          # (argv, CompletedProcess) of every run, for failure reports
+        self.runs = []  # (argv, CompletedProcess) of every run, for failure reports
 
     def _run(self, argv, env=None):
-        proc = subprocess.run(argv, env=env or self.env, cwd=self.workdir, capture_output=True,
-                              text=True, timeout=self.timeout, check=False)
+        proc = subprocess.run(
+            argv,
+            env=env or self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout,
+            check=False,
+        )
         self.runs.append((argv, proc))
         return proc
 
@@ -125,23 +135,33 @@ class Ansible:
         results_file = os.path.join(self.workdir, "results-%s.jsonl" % run_id)
         play_tasks = []
         for index, spec in enumerate(tasks):
-            play_tasks.append({
-                "name": "rgi task %d" % index,
-                spec["module"]: spec["args"],
-                "check_mode": bool(spec["check"]),
-                "diff": bool(spec["diff"]),
-                "ignore_errors": True,
-            })
-        playbook = [{"name": "rabbitguard integration " + run_id, "hosts": hosts,
-                     "gather_facts": False, "tasks": play_tasks}]
+            play_tasks.append(
+                {
+                    "name": "rgi task %d" % index,
+                    spec["module"]: spec["args"],
+                    "check_mode": bool(spec["check"]),
+                    "diff": bool(spec["diff"]),
+                    "ignore_errors": True,
+                }
+            )
+        playbook = [
+            {
+                "name": "rabbitguard integration " + run_id,
+                "hosts": hosts,
+                "gather_facts": False,
+                "tasks": play_tasks,
+            }
+        ]
         path = os.path.join(self.workdir, "play-%s.yml" % run_id)
         with open(path, "w") as handle:
-            json.dump(playbook, handle, indent=1)   # JSON is YAML
+            json.dump(playbook, handle, indent=1)  # JSON is YAML
         env = dict(self.env, RGI_RESULTS_FILE=results_file)
         proc = self._run([_which("ansible-playbook"), "-i", self.inventory, path], env=env)
         if proc.returncode != 0:
-            raise AnsibleFailed("ansible-playbook exited %d\n--- stdout\n%s\n--- stderr\n%s"
-                                % (proc.returncode, proc.stdout[-6000:], proc.stderr[-4000:]))
+            raise AnsibleFailed(
+                "ansible-playbook exited %d\n--- stdout\n%s\n--- stderr\n%s"
+                % (proc.returncode, proc.stdout[-6000:], proc.stderr[-4000:])
+            )
         results = [{} for _spec in tasks]
         with open(results_file) as handle:
             for line in handle:

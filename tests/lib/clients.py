@@ -34,9 +34,9 @@ AMQP_USER = "rguser"
 AMQP_PASSWORD = "rgpass"
 AMQP_VHOST = "/"
 # Short on purpose: a refused consume must show up in seconds, not minutes.
-HEARTBEAT = 2           # the broker closes a stalled connection after ~2 of these
-SOCKET_TIMEOUT = 3      # connect, blocked connection, each library call
-CONSUME_TIMEOUT = 2     # how long a consume waits for its consume-ok
+HEARTBEAT = 2  # the broker closes a stalled connection after ~2 of these
+SOCKET_TIMEOUT = 3  # connect, blocked connection, each library call
+CONSUME_TIMEOUT = 2  # how long a consume waits for its consume-ok
 LIBRARIES = ("pika", "aio-pika", "amqp")
 
 
@@ -61,7 +61,7 @@ def _proc_address(text, family):
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(raw[::-1]))
     # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     return str(ipaddress.IPv6Address(words))
 
 
@@ -72,7 +72,7 @@ def own_connections(addr, port=AMQP_PORT):
         with contextlib.suppress(OSError):
             target = os.readlink("/proc/self/fd/" + fd)
             if target.startswith("socket:["):
-                inodes.add(target[len("socket:["):-1])
+                inodes.add(target[len("socket:[") : -1])
     want = ipaddress.ip_address(addr)
     ports = set()
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
@@ -97,18 +97,24 @@ class Client:
 
     library = None
 
-    def __init__(self, addr, port=AMQP_PORT, name=None, heartbeat=HEARTBEAT,
-                 timeout=SOCKET_TIMEOUT):
+    def __init__(
+        self, addr, port=AMQP_PORT, name=None, heartbeat=HEARTBEAT, timeout=SOCKET_TIMEOUT
+    ):
         self.addr, self.port, self.name = addr, port, name
         self.heartbeat, self.timeout = heartbeat, timeout
-        self.delivered = 0          # messages received by this connection's consumers
+        self.delivered = 0  # messages received by this connection's consumers
         self.local_port = None
-        self.lost = None            # why the connection went away, once it has
+        self.lost = None  # why the connection went away, once it has
 
     def __repr__(self):
         return "<%s %s [%s]:%s from port %s%s>" % (
-            type(self).__name__, self.name, self.addr, self.port, self.local_port,
-            " lost: %s" % self.lost if self.lost else "")
+            type(self).__name__,
+            self.name,
+            self.addr,
+            self.port,
+            self.local_port,
+            " lost: %s" % self.lost if self.lost else "",
+        )
 
     def _connected(self, before):
         new = own_connections(self.addr, self.port) - before
@@ -162,21 +168,23 @@ class _ThreadClient(Client):
         self._dead = threading.Event()
         before = own_connections(self.addr, self.port)
         ready = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, args=(ready,), daemon=True,
-                                        name="%s %s" % (self.library, self.name))
+        self._thread = threading.Thread(
+            target=self._main, args=(ready,), daemon=True, name="%s %s" % (self.library, self.name)
+        )
         self._thread.start()
         try:
             ready.result(self.timeout + 3)
         except Exception as exc:
             self._stop = True
-            raise ClientError("connect to %s" % self.addr, "connection", repr(exc),
-                              self.timeout) from exc
+            raise ClientError(
+                "connect to %s" % self.addr, "connection", repr(exc), self.timeout
+            ) from exc
         self._connected(before)
 
     def _main(self, ready):
         try:
             self._conn = self._open()
-        except Exception as exc:     # noqa: BLE001 - handed to the caller
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
             self.lost = repr(exc)
             self._dead.set()
             ready.set_exception(exc)
@@ -193,17 +201,17 @@ class _ThreadClient(Client):
                     continue
                 try:
                     future.set_result(fn())
-                except BaseException as exc:   # noqa: BLE001 - handed to the caller
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
                     if self._is_connection_error(exc):
                         self.lost = self.lost or repr(exc)
                         break
-        except Exception as exc:      # noqa: BLE001 - the connection died while idle
+        except Exception as exc:  # noqa: BLE001 - the connection died while idle
             self.lost = self.lost or repr(exc)
         finally:
             self._dead.set()
             self._abandon()
-            while True:         # nobody will run these any more
+            while True:  # nobody will run these any more
                 try:
                     _fn, future = self._calls.get_nowait()
                 except queue_module.Empty:
@@ -223,7 +231,7 @@ class _ThreadClient(Client):
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise error(what, "timeout", "no reply", time.monotonic() - start) from None
-        except Exception as exc:    # noqa: BLE001 - classified for the test
+        except Exception as exc:  # noqa: BLE001 - classified for the test
             kind = "connection" if self._is_connection_error(exc) else "channel"
             raise error(what, kind, repr(exc), time.monotonic() - start) from exc
 
@@ -265,12 +273,18 @@ class PikaClient(_ThreadClient):
         import pika
 
         params = pika.ConnectionParameters(
-            host=self.addr, port=self.port, virtual_host=AMQP_VHOST,
+            host=self.addr,
+            port=self.port,
+            virtual_host=AMQP_VHOST,
             credentials=pika.PlainCredentials(AMQP_USER, AMQP_PASSWORD),
-            heartbeat=self.heartbeat, socket_timeout=self.timeout,
-            blocked_connection_timeout=self.timeout, stack_timeout=self.timeout + 2,
-            connection_attempts=1, retry_delay=0,
-            client_properties={"connection_name": self.name or "rgi-pika"})
+            heartbeat=self.heartbeat,
+            socket_timeout=self.timeout,
+            blocked_connection_timeout=self.timeout,
+            stack_timeout=self.timeout + 2,
+            connection_attempts=1,
+            retry_delay=0,
+            client_properties={"connection_name": self.name or "rgi-pika"},
+        )
         return pika.BlockingConnection(params)
 
     def _idle(self):
@@ -282,7 +296,7 @@ class PikaClient(_ThreadClient):
         if self._conn is not None and self._conn.is_open:
             with contextlib.suppress(Exception):
                 # Not a clean close: the stream may be stalled. Drop the socket.
-                self._conn._impl._transport.abort()     # noqa: SLF001
+                self._conn._impl._transport.abort()  # noqa: SLF001
 
     def _close_connection(self):
         self._conn.close()
@@ -291,8 +305,9 @@ class PikaClient(_ThreadClient):
     def _is_connection_error(self, exc):
         import pika.exceptions as pe
 
-        return isinstance(exc, (pe.AMQPConnectionError, pe.ConnectionWrongStateError,
-                                ConnectionError, OSError))
+        return isinstance(
+            exc, (pe.AMQPConnectionError, pe.ConnectionWrongStateError, ConnectionError, OSError)
+        )
 
     def _on_message(self, channel, method, _properties, _body):
         self.delivered += 1
@@ -302,13 +317,17 @@ class PikaClient(_ThreadClient):
             ch = self._conn.channel()
             self._channels[ch.channel_number] = ch
             return ch.channel_number
+
         return self._call("channel.open", opening, timeout)
 
     def consume(self, channel, queue, timeout=CONSUME_TIMEOUT):
         ch = self._channels[channel]
-        return self._call("basic.consume on channel %d" % channel,
-                          lambda: ch.basic_consume(queue, self._on_message, auto_ack=True),
-                          timeout, ConsumeFailed)
+        return self._call(
+            "basic.consume on channel %d" % channel,
+            lambda: ch.basic_consume(queue, self._on_message, auto_ack=True),
+            timeout,
+            ConsumeFailed,
+        )
 
     def cancel(self, channel, tag, timeout=None):
         ch = self._channels[channel]
@@ -336,10 +355,16 @@ class AmqpClient(_ThreadClient):
         if ":" in host:
             host = "[%s]" % host
         conn = amqp.Connection(
-            host="%s:%d" % (host, self.port), userid=AMQP_USER, password=AMQP_PASSWORD,
-            virtual_host=AMQP_VHOST, heartbeat=self.heartbeat, connect_timeout=self.timeout,
-            read_timeout=self.timeout, write_timeout=self.timeout,
-            client_properties={"connection_name": self.name or "rgi-amqp"})
+            host="%s:%d" % (host, self.port),
+            userid=AMQP_USER,
+            password=AMQP_PASSWORD,
+            virtual_host=AMQP_VHOST,
+            heartbeat=self.heartbeat,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
+            write_timeout=self.timeout,
+            client_properties={"connection_name": self.name or "rgi-amqp"},
+        )
         conn.connect()
         return conn
 
@@ -351,7 +376,7 @@ class AmqpClient(_ThreadClient):
     def _abandon(self):
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                self._conn.collect()     # closes the socket without a handshake
+                self._conn.collect()  # closes the socket without a handshake
 
     def _close_connection(self):
         self._conn.close()
@@ -360,9 +385,20 @@ class AmqpClient(_ThreadClient):
     def _is_connection_error(self, exc):
         import amqp.exceptions as ae
 
-        return isinstance(exc, (ae.ConnectionError, ae.RecoverableConnectionError,
-                                ConnectionError, OSError, socket.timeout)) \
-            or self._conn is None or not self._conn.connected
+        return (
+            isinstance(
+                exc,
+                (
+                    ae.ConnectionError,
+                    ae.RecoverableConnectionError,
+                    ConnectionError,
+                    OSError,
+                    socket.timeout,
+                ),
+            )
+            or self._conn is None
+            or not self._conn.connected
+        )
 
     def _on_message(self, _message):
         self.delivered += 1
@@ -372,14 +408,17 @@ class AmqpClient(_ThreadClient):
             ch = self._conn.channel()
             self._channels[ch.channel_id] = ch
             return ch.channel_id
+
         return self._call("channel.open", opening, timeout)
 
     def consume(self, channel, queue, timeout=CONSUME_TIMEOUT):
         ch = self._channels[channel]
-        return self._call("basic.consume on channel %d" % channel,
-                          lambda: ch.basic_consume(queue, callback=self._on_message,
-                                                   no_ack=True),
-                          timeout, ConsumeFailed)
+        return self._call(
+            "basic.consume on channel %d" % channel,
+            lambda: ch.basic_consume(queue, callback=self._on_message, no_ack=True),
+            timeout,
+            ConsumeFailed,
+        )
 
     def cancel(self, channel, tag, timeout=None):
         ch = self._channels[channel]
@@ -393,8 +432,11 @@ class AmqpClient(_ThreadClient):
         import amqp
 
         ch = self._channels[channel]
-        return self._call("basic.publish", lambda: ch.basic_publish(
-            amqp.Message(body), exchange="", routing_key=queue), timeout)
+        return self._call(
+            "basic.publish",
+            lambda: ch.basic_publish(amqp.Message(body), exchange="", routing_key=queue),
+            timeout,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +448,9 @@ class AioPikaClient(Client):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="aio-pika %s" % self.name)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="aio-pika %s" % self.name
+        )
         self._thread.start()
         self._channels = {}
         self._queues = {}
@@ -424,9 +467,15 @@ class AioPikaClient(Client):
         import aio_pika
 
         conn = await aio_pika.connect(
-            host=self.addr, port=self.port, login=AMQP_USER, password=AMQP_PASSWORD,
-            virtualhost=AMQP_VHOST, timeout=self.timeout, heartbeat=self.heartbeat,
-            client_properties={"connection_name": self.name or "rgi-aio-pika"})
+            host=self.addr,
+            port=self.port,
+            login=AMQP_USER,
+            password=AMQP_PASSWORD,
+            virtualhost=AMQP_VHOST,
+            timeout=self.timeout,
+            heartbeat=self.heartbeat,
+            client_properties={"connection_name": self.name or "rgi-aio-pika"},
+        )
         conn.close_callbacks.add(self._on_close)
         return conn
 
@@ -441,15 +490,17 @@ class AioPikaClient(Client):
             return future.result(timeout + 1)
         except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
             raise error(what, "timeout", "no reply", time.monotonic() - start) from None
-        except Exception as exc:    # noqa: BLE001 - classified for the test
-            kind = "connection" if (not self.alive or isinstance(exc, (ConnectionError, OSError))) \
+        except Exception as exc:  # noqa: BLE001 - classified for the test
+            kind = (
+                "connection"
+                if (not self.alive or isinstance(exc, (ConnectionError, OSError)))
                 else "channel"
+            )
             raise error(what, kind, repr(exc), time.monotonic() - start) from exc
 
     @property
     def alive(self):
-        return (self._conn is not None and self._conn.connected.is_set()
-                and not self._conn.is_closed)
+        return self._conn is not None and self._conn.connected.is_set() and not self._conn.is_closed
 
     def channel(self, timeout=None):
         async def opening():
@@ -457,6 +508,7 @@ class AioPikaClient(Client):
             number = ch.number
             self._channels[number] = ch
             return number
+
         return self._run("channel.open", opening(), timeout or self.timeout)
 
     async def _queue(self, channel, name):
@@ -472,13 +524,16 @@ class AioPikaClient(Client):
         async def consuming():
             q = await self._queue(channel, queue)
             return await q.consume(self._on_message, no_ack=True)
-        return self._run("basic.consume on channel %d" % channel, consuming(), timeout,
-                         ConsumeFailed)
+
+        return self._run(
+            "basic.consume on channel %d" % channel, consuming(), timeout, ConsumeFailed
+        )
 
     def cancel(self, channel, tag, timeout=None):
         async def cancelling():
             ch = await self._channels[channel].get_underlay_channel()
             return await ch.basic_cancel(tag)
+
         return self._run("basic.cancel %s" % tag, cancelling(), timeout or self.timeout)
 
     def close_channel(self, channel, timeout=None):
@@ -491,8 +546,11 @@ class AioPikaClient(Client):
         import aio_pika
 
         ch = self._channels[channel]
-        return self._run("basic.publish", ch.default_exchange.publish(
-            aio_pika.Message(body), routing_key=queue), timeout or self.timeout)
+        return self._run(
+            "basic.publish",
+            ch.default_exchange.publish(aio_pika.Message(body), routing_key=queue),
+            timeout or self.timeout,
+        )
 
     def close(self, timeout=None):
         if self.alive:
@@ -561,10 +619,16 @@ def declare_queues(addr, names):
     import pika
 
     params = pika.ConnectionParameters(
-        host=addr, port=AMQP_PORT, virtual_host=AMQP_VHOST,
-        credentials=pika.PlainCredentials(AMQP_USER, AMQP_PASSWORD), heartbeat=HEARTBEAT,
-        socket_timeout=SOCKET_TIMEOUT, blocked_connection_timeout=SOCKET_TIMEOUT,
-        connection_attempts=1, client_properties={"connection_name": "rgi-admin"})
+        host=addr,
+        port=AMQP_PORT,
+        virtual_host=AMQP_VHOST,
+        credentials=pika.PlainCredentials(AMQP_USER, AMQP_PASSWORD),
+        heartbeat=HEARTBEAT,
+        socket_timeout=SOCKET_TIMEOUT,
+        blocked_connection_timeout=SOCKET_TIMEOUT,
+        connection_attempts=1,
+        client_properties={"connection_name": "rgi-admin"},
+    )
     conn = pika.BlockingConnection(params)
     try:
         ch = conn.channel()

@@ -27,8 +27,16 @@ BROKER_V6 = "fd00::1"
 class Dataplane:
     """One compiled variant of the classifier with its pinned maps."""
 
-    def __init__(self, limit=3, action="drop", port=5672, l2="ethernet", frame_max=131072,
-                 template_path=None, force_skb_load_bytes=False):
+    def __init__(
+        self,
+        limit=3,
+        action="drop",
+        port=5672,
+        l2="ethernet",
+        frame_max=131072,
+        template_path=None,
+        force_skb_load_bytes=False,
+    ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
         self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_render.BPFFS_ROOT)
@@ -38,8 +46,10 @@ class Dataplane:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             self.source = _render.render(self.config, _render.read_template(template_path))
             self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
-            self.map_fds = {name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
-                            for name in _layout.MAP_NAMES}
+            self.map_fds = {
+                name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
+                for name in _layout.MAP_NAMES
+            }
         except Exception:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             raise
@@ -61,8 +71,9 @@ class Dataplane:
     def conn(self, client, client_port, broker=None):
         broker = broker or (BROKER_V6 if ":" in client else BROKER_V4)
         key = _layout.conn_key(client, client_port, broker, self.port)
-        raw = _bpfsys.map_lookup(self.map_fds["conns"], bytes(key),
-                                 ctypes.sizeof(_layout.ConnState))
+        raw = _bpfsys.map_lookup(
+            self.map_fds["conns"], bytes(key), ctypes.sizeof(_layout.ConnState)
+        )
         return None if raw is None else _layout.decode(_layout.ConnState, raw)
 
     def channels(self, client, client_port, broker=None):
@@ -70,9 +81,14 @@ class Dataplane:
         state = self.conn(client, client_port, broker)
         if state is None:
             return {}
-        want = bytes(_layout.conn_key(client, client_port,
-                                      broker or (BROKER_V6 if ":" in client else BROKER_V4),
-                                      self.port))
+        want = bytes(
+            _layout.conn_key(
+                client,
+                client_port,
+                broker or (BROKER_V6 if ":" in client else BROKER_V4),
+                self.port,
+            )
+        )
         fd = self.map_fds["channels"]
         out = {}
         for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
@@ -88,8 +104,9 @@ class Dataplane:
         return out
 
     def counters(self):
-        per_cpu = _bpfsys.map_lookup_percpu(self.map_fds["counters"], b"\x00" * 4,
-                                            ctypes.sizeof(_layout.Counters))
+        per_cpu = _bpfsys.map_lookup_percpu(
+            self.map_fds["counters"], b"\x00" * 4, ctypes.sizeof(_layout.Counters)
+        )
         total = dict.fromkeys((name for name, _t in _layout.Counters._fields_), 0)
         for raw in per_cpu:
             for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
@@ -103,8 +120,9 @@ class Dataplane:
             for key in list(_bpfsys.map_keys(fd, ctypes.sizeof(key_type))):
                 _bpfsys.map_delete(fd, key)
         slot = (ctypes.sizeof(_layout.Counters) + 7) & ~7
-        _bpfsys.map_update(self.map_fds["counters"], b"\x00" * 4,
-                           b"\x00" * (slot * _bpfsys.possible_cpus()))
+        _bpfsys.map_update(
+            self.map_fds["counters"], b"\x00" * 4, b"\x00" * (slot * _bpfsys.possible_cpus())
+        )
 
     def close(self):
         for fd in self.map_fds.values():
@@ -117,8 +135,17 @@ class Dataplane:
 class Flow:
     """One client connection: builds its segments and tracks its sequence number."""
 
-    def __init__(self, dp, client="198.18.0.2", client_port=40000, broker=None, isn=1000,
-                 vlans=(), l2=True, ip_options=b""):
+    def __init__(
+        self,
+        dp,
+        client="198.18.0.2",
+        client_port=40000,
+        broker=None,
+        isn=1000,
+        vlans=(),
+        l2=True,
+        ip_options=b"",
+    ):
         self.dp = dp
         self.client, self.client_port = client, client_port
         self.broker = broker or (BROKER_V6 if ":" in client else BROKER_V4)
@@ -126,9 +153,18 @@ class Flow:
         self.vlans, self.l2, self.ip_options = vlans, l2, ip_options
 
     def packet(self, payload=b"", seq=None, flags=packets.ACK | packets.PSH):
-        return packets.tcp_packet(self.client, self.broker, self.client_port, self.dp.port,
-                                  self.seq if seq is None else seq, payload, flags,
-                                  vlans=self.vlans, l2=self.l2, ip_options=self.ip_options)
+        return packets.tcp_packet(
+            self.client,
+            self.broker,
+            self.client_port,
+            self.dp.port,
+            self.seq if seq is None else seq,
+            payload,
+            flags,
+            vlans=self.vlans,
+            l2=self.l2,
+            ip_options=self.ip_options,
+        )
 
     def send(self, payload=b"", seq=None, flags=packets.ACK | packets.PSH):
         """Run one segment; the sequence advances only past segments that passed."""

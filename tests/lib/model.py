@@ -29,10 +29,10 @@ class ConnectionModel:
     def __init__(self, limit, action="drop", frame_max=131072):
         self.limit, self.action, self.frame_max = limit, action, frame_max
         self.start_seq = None
-        self.stream = bytearray()     # accepted bytes, protocol header first
-        self.cursor = len(amqp.PROTOCOL_HEADER)   # next frame not yet applied
-        self.channels = {}            # channel -> live consumers
-        self.counts = Counter()       # allowed, refused, cancels, closes
+        self.stream = bytearray()  # accepted bytes, protocol header first
+        self.cursor = len(amqp.PROTOCOL_HEADER)  # next frame not yet applied
+        self.channels = {}  # channel -> live consumers
+        self.counts = Counter()  # allowed, refused, cancels, closes
         self.reset_sent = False
         self.closed = False
 
@@ -51,7 +51,8 @@ class ConnectionModel:
         offset = (seq - self.start_seq) & 0xFFFFFFFF
         if offset > len(self.stream):
             raise ValueError("the model does not cover gaps in the stream")
-        candidate = self.stream + payload[len(self.stream) - offset:]
+        overlap = len(self.stream) - offset
+        candidate = self.stream + payload[overlap:]
 
         channels, counts = dict(self.channels), Counter()
         cursor, refused, closed = self._apply(candidate, self.cursor, channels, counts)

@@ -23,8 +23,12 @@ def tcp(src, dst, sport, dport, seq, payload=b"", flags=ACK | PSH, ack=1, option
     """A TCP segment with its checksum over the IPv4 or IPv6 pseudo-header."""
     src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     doff = (20 + len(options)) // 4
-    header = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack, doff << 4, flags,
-                         65535, 0, 0) + options
+    header = (
+        struct.pack(
+            "!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack, doff << 4, flags, 65535, 0, 0
+        )
+        + options
+    )
     segment = header + payload
     if src_ip.version == 4:
         pseudo = src_ip.packed + dst_ip.packed + struct.pack("!BBH", 0, 6, len(segment))
@@ -36,16 +40,39 @@ def tcp(src, dst, sport, dport, seq, payload=b"", flags=ACK | PSH, ack=1, option
 
 def ipv4(src, dst, l4, proto=6, options=b"", frag_off=0, ttl=64):
     ihl = (20 + len(options)) // 4
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(options) + len(l4), 1,
-                         frag_off, ttl, proto, 0, ipaddress.ip_address(src).packed,
-                         ipaddress.ip_address(dst).packed) + options
+    header = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            20 + len(options) + len(l4),
+            1,
+            frag_off,
+            ttl,
+            proto,
+            0,
+            ipaddress.ip_address(src).packed,
+            ipaddress.ip_address(dst).packed,
+        )
+        + options
+    )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + l4
 
 
 def ipv6(src, dst, l4, nexthdr=6, hop_limit=64):
-    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), nexthdr, hop_limit,
-                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + l4
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(l4),
+            nexthdr,
+            hop_limit,
+            ipaddress.ip_address(src).packed,
+            ipaddress.ip_address(dst).packed,
+        )
+        + l4
+    )
 
 
 def ethernet(l3, ethertype, vlans=()):
@@ -56,8 +83,9 @@ def ethernet(l3, ethertype, vlans=()):
     return out + struct.pack("!H", ethertype) + l3
 
 
-def tcp_packet(src, dst, sport, dport, seq, payload=b"", flags=ACK | PSH, vlans=(), l2=True,
-               ip_options=b""):
+def tcp_packet(
+    src, dst, sport, dport, seq, payload=b"", flags=ACK | PSH, vlans=(), l2=True, ip_options=b""
+):
     """The whole frame a classifier sees for one TCP segment."""
     segment = tcp(src, dst, sport, dport, seq, payload, flags)
     if ipaddress.ip_address(src).version == 4:
@@ -74,14 +102,14 @@ def tcp_checksum_ok(packet, l3_offset=14):
     version = packet[l3_offset] >> 4
     if version == 4:
         ihl = (packet[l3_offset] & 0x0F) * 4
-        total = struct.unpack("!H", packet[l3_offset + 2:l3_offset + 4])[0]
-        src, dst = packet[l3_offset + 12:l3_offset + 16], packet[l3_offset + 16:l3_offset + 20]
-        segment = packet[l3_offset + ihl:l3_offset + total]
+        total = struct.unpack("!H", packet[l3_offset + 2 : l3_offset + 4])[0]
+        src, dst = packet[l3_offset + 12 : l3_offset + 16], packet[l3_offset + 16 : l3_offset + 20]
+        segment = packet[l3_offset + ihl : l3_offset + total]
         pseudo = src + dst + struct.pack("!BBH", 0, 6, len(segment))
     else:
-        plen = struct.unpack("!H", packet[l3_offset + 4:l3_offset + 6])[0]
-        src, dst = packet[l3_offset + 8:l3_offset + 24], packet[l3_offset + 24:l3_offset + 40]
-        segment = packet[l3_offset + 40:l3_offset + 40 + plen]
+        plen = struct.unpack("!H", packet[l3_offset + 4 : l3_offset + 6])[0]
+        src, dst = packet[l3_offset + 8 : l3_offset + 24], packet[l3_offset + 24 : l3_offset + 40]
+        segment = packet[l3_offset + 40 : l3_offset + 40 + plen]
         pseudo = src + dst + struct.pack("!IxxxB", len(segment), 6)
     return checksum(pseudo + segment) == 0
 

@@ -25,21 +25,33 @@ PIN_DIR = "/sys/fs/bpf/rgpre"
 
 def ansible(args, interpreter=None, prefix=(), env_extra=None):
     """Run the module ad hoc; returns (rc, the host's result as a dict)."""
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
-               ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
-               ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.builtin.minimal",
-               ANSIBLE_NOCOLOR="1", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    env = dict(
+        os.environ,
+        PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.minimal",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
+    )
     env.update(env_extra or {})
-    argv = list(prefix) + [os.path.join(VENV_BIN, "ansible"), "localhost", "-c", "local",
-                           "-m", "rabbitguard.limiter.rabbit_tc_limit", "-a", args]
+    argv = list(prefix) + [
+        os.path.join(VENV_BIN, "ansible"),
+        "localhost",
+        "-c",
+        "local",
+        "-m",
+        "rabbitguard.limiter.rabbit_tc_limit",
+        "-a",
+        args,
+    ]
     if interpreter:
         argv += ["-e", "ansible_python_interpreter=%s" % interpreter]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, check=False,
-                          timeout=300)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, check=False, timeout=300)
     text = proc.stdout.decode()
     start = text.find("=> {")
     assert start >= 0, text + proc.stderr.decode()
-    return proc.returncode, json.loads(text[start + 3:text.rfind("}") + 1])
+    return proc.returncode, json.loads(text[start + 3 : text.rfind("}") + 1])
 
 
 def limiter_args(extra=""):
@@ -47,8 +59,11 @@ def limiter_args(extra=""):
 
 
 def filters():
-    out = subprocess.run(["ip", "netns", "exec", NETNS, "tc", "filter", "show", "dev", "eth0",
-                          "ingress"], stdout=subprocess.PIPE, check=True)
+    out = subprocess.run(
+        ["ip", "netns", "exec", NETNS, "tc", "filter", "show", "dev", "eth0", "ingress"],
+        stdout=subprocess.PIPE,
+        check=True,
+    )
     return out.stdout.decode()
 
 
@@ -56,8 +71,10 @@ def filters():
 def host():
     subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    subprocess.run(["ip", "link", "add", "rgpre0", "type", "veth", "peer", "name", "eth0",
-                    "netns", NETNS], check=True)
+    subprocess.run(
+        ["ip", "link", "add", "rgpre0", "type", "veth", "peer", "name", "eth0", "netns", NETNS],
+        check=True,
+    )
     subprocess.run(["ip", "-n", NETNS, "link", "set", "eth0", "up"], check=True)
     yield
     subprocess.run(["ip", "netns", "del", NETNS], check=False)
@@ -98,23 +115,37 @@ def test_missing_kernel_headers(host):
 
 def test_missing_bpffs(host):
     # A mount namespace of our own where /sys/fs/bpf is not bpffs.
-    rc, result = ansible(limiter_args(), prefix=[
-        "unshare", "--mount", "--propagation", "private", "sh", "-c",
-        'umount -l /sys/fs/bpf 2>/dev/null; exec "$@"', "sh"])
+    rc, result = ansible(
+        limiter_args(),
+        prefix=[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'umount -l /sys/fs/bpf 2>/dev/null; exec "$@"',
+            "sh",
+        ],
+    )
     assert rc != 0
     assert result["msg"].startswith("bpffs is not mounted at /sys/fs/bpf: mount it with")
     assert filters() == ""
 
 
 def test_not_root(host):
-    home = tempfile.mkdtemp(prefix="rgpre-nobody-")     # pytest's own tmp is root-only
+    home = tempfile.mkdtemp(prefix="rgpre-nobody-")  # pytest's own tmp is root-only
     os.chown(home, 65534, 65534)
     try:
         rc, result = ansible(
-            limiter_args(), prefix=["setpriv", "--reuid=65534", "--regid=65534",
-                                    "--clear-groups"],
-            env_extra={"HOME": home, "ANSIBLE_LOCAL_TEMP": os.path.join(home, "t"),
-                       "ANSIBLE_REMOTE_TEMP": os.path.join(home, "r")})
+            limiter_args(),
+            prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+            env_extra={
+                "HOME": home,
+                "ANSIBLE_LOCAL_TEMP": os.path.join(home, "t"),
+                "ANSIBLE_REMOTE_TEMP": os.path.join(home, "r"),
+            },
+        )
     finally:
         shutil.rmtree(home)
     assert rc != 0
@@ -143,6 +174,9 @@ def test_failed_first_deploy_leaves_nothing(host, hollow_kernel_tree):
     assert rc != 0 and "compiling and loading the limiter" in result["msg"]
     assert filters() == ""
     assert not os.path.exists(PIN_DIR)
-    qdiscs = subprocess.run(["ip", "netns", "exec", NETNS, "tc", "qdisc", "show", "dev", "eth0"],
-                            stdout=subprocess.PIPE, check=True).stdout.decode()
+    qdiscs = subprocess.run(
+        ["ip", "netns", "exec", NETNS, "tc", "qdisc", "show", "dev", "eth0"],
+        stdout=subprocess.PIPE,
+        check=True,
+    ).stdout.decode()
     assert "clsact" not in qdiscs

@@ -5,7 +5,7 @@ import pytest
 from tests.lib import amqp
 from tests.lib.model import DROP, PASS, RST, ConnectionModel, Malformed
 
-ISN = 4294967000   # wraps around during the test
+ISN = 4294967000  # wraps around during the test
 
 
 class Client:
@@ -25,7 +25,7 @@ def test_limit_and_refusal():
     client = Client(ConnectionModel(limit=2))
     assert client.send(amqp.consume(1) + amqp.consume(2)) == PASS
     assert client.send(amqp.consume(3)) == DROP
-    assert client.send(amqp.consume(3)) == DROP       # retransmitted: refused again
+    assert client.send(amqp.consume(3)) == DROP  # retransmitted: refused again
     assert client.model.live_channels() == {1: 1, 2: 1}
     assert (client.model.counts["allowed"], client.model.counts["refused"]) == (2, 2)
 
@@ -63,7 +63,7 @@ def test_bodies_are_skipped():
     client = Client(ConnectionModel(limit=0))
     message = amqp.publish(1, amqp.consume_lookalike_body() * 10)
     for start in range(0, len(message), 7):
-        assert client.send(message[start:start + 7]) == PASS
+        assert client.send(message[start : start + 7]) == PASS
     assert client.model.counts["refused"] == 0
 
 
@@ -75,7 +75,7 @@ def test_monitor_and_reset():
     reset = Client(ConnectionModel(limit=1, action="reset"))
     reset.send(amqp.consume(1))
     assert reset.send(amqp.consume(1)) == RST
-    assert reset.send(amqp.consume(1)) == PASS        # the host answers it, not us
+    assert reset.send(amqp.consume(1)) == PASS  # the host answers it, not us
 
 
 def test_connection_close_ends_accounting():

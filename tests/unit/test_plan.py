@@ -6,8 +6,17 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import _plan
 
 DIGEST = "ab" * 32
 OTHER = "cd" * 32
-WANT = {"config": {"port": 5672, "limit": 3, "action": "drop", "frame_max": 131072,
-                   "l2": "ethernet", "pin_dir": "/sys/fs/bpf/x"}, "digest": DIGEST}
+WANT = {
+    "config": {
+        "port": 5672,
+        "limit": 3,
+        "action": "drop",
+        "frame_max": 131072,
+        "l2": "ethernet",
+        "pin_dir": "/sys/fs/bpf/x",
+    },
+    "digest": DIGEST,
+}
 
 
 def seen(filter_name=None, pins=True, digest=DIGEST, prog_id=7):
@@ -22,24 +31,38 @@ def seen(filter_name=None, pins=True, digest=DIGEST, prog_id=7):
 OURS = _plan.filter_name(DIGEST)
 
 
-@pytest.mark.parametrize("observed, desired, expected", [
-    pytest.param({}, WANT, (_plan.CREATE, None), id="nothing-there"),
-    pytest.param(seen(OURS), WANT, (_plan.NONE, None), id="unchanged"),
-    pytest.param(seen(_plan.filter_name(OTHER), digest=OTHER), WANT, (_plan.REPLACE, None),
-                 id="config-changed"),
-    pytest.param(seen(None), WANT, (_plan.REPAIR, _plan.FILTER_GONE), id="filter-gone"),
-    pytest.param(seen(OURS, pins=False), WANT, (_plan.REPAIR, _plan.PINS_GONE),
-                 id="pins-gone"),
-    pytest.param(seen("cilium-policy"), WANT, (_plan.REPAIR, _plan.FOREIGN), id="foreign"),
-    pytest.param(seen(OURS, digest=OTHER), WANT, (_plan.REPAIR, _plan.CONFIG_GONE),
-                 id="config-map-disagrees"),
-    pytest.param(seen(OURS), None, (_plan.REMOVE, None), id="absent"),
-    pytest.param(seen(None), None, (_plan.REMOVE, None), id="absent-pins-only"),
-    pytest.param(seen(OURS, pins=False), None, (_plan.REMOVE, None), id="absent-filter-only"),
-    pytest.param({}, None, (_plan.NONE, None), id="absent-nothing-there"),
-    pytest.param(seen("cilium-policy", pins=False), None, (_plan.NONE, None),
-                 id="absent-leaves-foreign-filters-alone"),
-])
+@pytest.mark.parametrize(
+    "observed, desired, expected",
+    [
+        pytest.param({}, WANT, (_plan.CREATE, None), id="nothing-there"),
+        pytest.param(seen(OURS), WANT, (_plan.NONE, None), id="unchanged"),
+        pytest.param(
+            seen(_plan.filter_name(OTHER), digest=OTHER),
+            WANT,
+            (_plan.REPLACE, None),
+            id="config-changed",
+        ),
+        pytest.param(seen(None), WANT, (_plan.REPAIR, _plan.FILTER_GONE), id="filter-gone"),
+        pytest.param(seen(OURS, pins=False), WANT, (_plan.REPAIR, _plan.PINS_GONE), id="pins-gone"),
+        pytest.param(seen("cilium-policy"), WANT, (_plan.REPAIR, _plan.FOREIGN), id="foreign"),
+        pytest.param(
+            seen(OURS, digest=OTHER),
+            WANT,
+            (_plan.REPAIR, _plan.CONFIG_GONE),
+            id="config-map-disagrees",
+        ),
+        pytest.param(seen(OURS), None, (_plan.REMOVE, None), id="absent"),
+        pytest.param(seen(None), None, (_plan.REMOVE, None), id="absent-pins-only"),
+        pytest.param(seen(OURS, pins=False), None, (_plan.REMOVE, None), id="absent-filter-only"),
+        pytest.param({}, None, (_plan.NONE, None), id="absent-nothing-there"),
+        pytest.param(
+            seen("cilium-policy", pins=False),
+            None,
+            (_plan.NONE, None),
+            id="absent-leaves-foreign-filters-alone",
+        ),
+    ],
+)
 def test_plan_interface(observed, desired, expected):
     assert _plan.plan_interface(observed, desired) == expected
 
@@ -63,12 +86,18 @@ def test_filter_name_carries_the_digest():
 
 def test_public_config_hides_internals():
     assert _plan.public_config(WANT["config"]) == {
-        "port": 5672, "limit": 3, "action": "drop", "frame_max": 131072, "l2": "ethernet"}
+        "port": 5672,
+        "limit": 3,
+        "action": "drop",
+        "frame_max": 131072,
+        "l2": "ethernet",
+    }
     assert _plan.public_config(None) is None
 
 
-@pytest.mark.parametrize("name", ["eth0", "eth0.100", "br-lan", "wg_0", "vlan@x", "ens1f0np0",
-                                  "naïve"])
+@pytest.mark.parametrize(
+    "name", ["eth0", "eth0.100", "br-lan", "wg_0", "vlan@x", "ens1f0np0", "naïve"]
+)
 def test_interface_names_become_bpffs_safe_and_come_back(name):
     from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
 

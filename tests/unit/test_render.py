@@ -37,22 +37,25 @@ def test_digest_follows_the_config():
     assert _render.source_digest(render()) != _render.source_digest(render(limit=11))
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("port", 0, "port must be between 1 and 65535, got 0"),
-    ("port", 65536, "port must be between 1 and 65535"),
-    ("port", "5672", "port must be an integer between 1 and 65535, got '5672'"),
-    ("port", True, "port must be an integer"),
-    ("limit", -1, "limit must be between 0 and 65535, got -1"),
-    ("limit", 1.5, "limit must be an integer"),
-    ("action", "block", "action must be one of drop, reset, monitor, got 'block'"),
-    ("l2", "ppp", "l2 must be one of ethernet, none"),
-    ("frame_max", 100, "frame_max must be between 4096"),
-    ("pin_dir", "/tmp/x", "pin_dir must be a directory under /sys/fs/bpf"),
-    ("pin_dir", "/sys/fs/bpf/a/../../etc", "pin_dir must be a directory under /sys/fs/bpf"),
-    ("pin_dir", "/sys/fs/bpf/a.b", "bpffs allows no dots"),
-    ("pin_dir", '/sys/fs/bpf/a"b', "pin_dir must be a directory under /sys/fs/bpf"),
-    ("pin_dir", "/sys/fs/bpf/a\n#define X", "pin_dir must be a directory under /sys/fs/bpf"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("port", 0, "port must be between 1 and 65535, got 0"),
+        ("port", 65536, "port must be between 1 and 65535"),
+        ("port", "5672", "port must be an integer between 1 and 65535, got '5672'"),
+        ("port", True, "port must be an integer"),
+        ("limit", -1, "limit must be between 0 and 65535, got -1"),
+        ("limit", 1.5, "limit must be an integer"),
+        ("action", "block", "action must be one of drop, reset, monitor, got 'block'"),
+        ("l2", "ppp", "l2 must be one of ethernet, none"),
+        ("frame_max", 100, "frame_max must be between 4096"),
+        ("pin_dir", "/tmp/x", "pin_dir must be a directory under /sys/fs/bpf"),
+        ("pin_dir", "/sys/fs/bpf/a/../../etc", "pin_dir must be a directory under /sys/fs/bpf"),
+        ("pin_dir", "/sys/fs/bpf/a.b", "bpffs allows no dots"),
+        ("pin_dir", '/sys/fs/bpf/a"b', "pin_dir must be a directory under /sys/fs/bpf"),
+        ("pin_dir", "/sys/fs/bpf/a\n#define X", "pin_dir must be a directory under /sys/fs/bpf"),
+    ],
+)
 def test_bad_values_are_refused_before_rendering(name, value, message):
     config = dict(port=5672, limit=10, action="drop", l2="ethernet", pin_dir=PIN)
     config[name] = value

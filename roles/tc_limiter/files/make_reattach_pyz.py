@@ -16,7 +16,7 @@ import os
 import sys
 import zipfile
 
-MAIN = b'''# rabbitguard.limiter: re-attach the limiter after a reboot (see _reattach.py)
+MAIN = b"""# rabbitguard.limiter: re-attach the limiter after a reboot (see _reattach.py)
 import pkgutil
 import sys
 
@@ -24,7 +24,7 @@ from rabbitguard_limiter._reattach import main
 
 template = pkgutil.get_data("rabbitguard_limiter", "rabbit_limiter.c.j2").decode("utf-8")
 sys.exit(main(template=template))
-'''
+"""
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
