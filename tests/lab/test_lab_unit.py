@@ -193,7 +193,8 @@ def test_private_dirs_are_bind_mounted_in_every_host_from_its_own_copy():
     ):
         assert f"mount --bind {host.private_dir(path)} {path};" in script
     assert host.private_dir("/etc/rabbitguard") == f"{cfg.state_dir}/rabbit3/etc-rabbitguard"
-    assert "mount -t bpf bpf /sys/fs/bpf;" in script
+    # mode 700, as systemd mounts it
+    assert "mount -t bpf -o mode=700 bpf /sys/fs/bpf;" in script
     assert script.endswith(f"exec /usr/sbin/sshd -D -e -f {host.dir}/sshd_config")
 
 
