@@ -20,7 +20,8 @@ Request (JSON, argv[1]):
   paths              {path: spec}: spec type "file" (mode, sha1), "directory" (mode), "link"
                      (src) or "absent"; files and directories are owned by root:root.
 Answer (JSON, stdout): the facts the role reads (kernel, os_family, service_mgr, as
-  Ansible's setup module names them), missing_packages, headers (bool), bpffs {mounted, mode,
+  Ansible's setup module names them), missing_packages, headers (bool), headers_release (the
+  tree's UTS_RELEASE, "" when it has none), bpffs {mounted, mode,
   writable_by_others}, differ (the paths of the request that are not as their spec says,
   in request order).
 Standard library only; runs on the Python 3.6 of the oldest supported hosts.
@@ -110,6 +111,19 @@ def bpffs(path):
     return {"mounted": mounted, "mode": "%04o" % mode, "writable_by_others": bool(mode & 0o022)}
 
 
+def tree_release(tree):
+    """UTS_RELEASE of a kernel build tree: the kernel its headers were made for, or ""."""
+    try:
+        with open(os.path.join(tree, "include", "generated", "utsrelease.h")) as handle:
+            for line in handle:
+                words = line.split()
+                if words[:2] == ["#define", "UTS_RELEASE"] and len(words) == 3:
+                    return words[2].strip('"')
+    except OSError:
+        pass
+    return ""
+
+
 def sha1(path):
     digest = hashlib.sha1()
     with open(path, "rb") as handle:
@@ -152,6 +166,7 @@ def main():
             list(request.get("packages_by_family", {}).get(family, [])),
         ),
         "headers": os.path.isdir(os.path.join(headers, "include")),
+        "headers_release": tree_release(headers),
         "bpffs": bpffs(request.get("bpffs", "/sys/fs/bpf")),
         "differ": [path for path, spec in request.get("paths", {}).items() if differs(path, spec)],
     }
