@@ -27,6 +27,7 @@ time (state.json in the state dir), never by name.
 Use it as a command (root)::
 
     /usr/bin/python3 lab/lab.py up [-n 3]     # idempotent: completes a half-up lab
+    /usr/bin/python3 lab/lab.py up -n 20 --brokers 1   # RabbitMQ on rabbit1 only
     /usr/bin/python3 lab/lab.py status        # one line per host; exit 0 when all are up
     /usr/bin/python3 lab/lab.py down          # stops everything, removes every trace
     /usr/bin/python3 lab/lab.py inventory     # Ansible inventory for this lab (YAML)
@@ -36,6 +37,7 @@ or as a library (pytest fixtures, Molecule create/destroy)::
 
     import lab            # the lab/ package from the repository root
     hosts = lab.up(n=3)   # list of dicts: name, netns, ipv4, ipv6, ssh_key, amqp_user, ...
+    lab.up(n=20, brokers=1)   # twenty hosts, RabbitMQ on the first only
     lab.down()
     with lab.running(n=3) as hosts:   # up, and down afterwards unless it was up before
         ...
