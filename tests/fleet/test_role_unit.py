@@ -259,3 +259,60 @@ def test_deploy_and_remove_roll_out_to_a_canary_first_and_stop_at_the_first_fail
             "{{ rabbitguard_limiter_max_fail_percentage | default(0) }}"
         ), name
         assert play["gather_facts"] is False, name
+
+
+INSTALLER = os.path.join(ROLE, "files", "install_files.py")
+
+
+def _install(request):
+    """Run install_files.py the way the role does: the request on stdin."""
+    with open(INSTALLER, encoding="utf-8") as handle:
+        source = handle.read()
+    return subprocess.run(
+        ["/usr/bin/python3", "-c", source],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _entry(path, data, mode="0644"):
+    import base64
+    import hashlib
+
+    return {
+        "path": str(path),
+        "mode": mode,
+        "sha1": hashlib.sha1(data).hexdigest(),
+        "content_b64": base64.b64encode(data).decode(),
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files owned by root:root")
+def test_installer_writes_what_differs_and_nothing_in_check_mode(tmp_path):
+    prog, unit = tmp_path / "prog.pyz", tmp_path / "unit.service"
+    unit.write_bytes(b"[Unit]\n")
+    unit.chmod(0o644)
+    files = [_entry(prog, b"PK\x03\x04 program", "0755"), _entry(unit, b"[Unit]\n")]
+    check = _install({"check": True, "files": files})
+    assert json.loads(check.stdout) == {"changed": [str(prog)]}
+    assert not prog.exists()
+    done = _install({"check": False, "files": files})
+    assert json.loads(done.stdout) == {"changed": [str(prog)]}
+    assert prog.read_bytes() == b"PK\x03\x04 program"
+    assert (os.stat(prog).st_mode & 0o7777, os.stat(prog).st_uid) == (0o755, 0)
+    assert json.loads(_install({"check": False, "files": files}).stdout) == {"changed": []}
+    # A mode that drifted is put back, the content alone.
+    os.chmod(prog, 0o777)
+    assert json.loads(_install({"check": False, "files": files}).stdout) == {"changed": [str(prog)]}
+    assert os.stat(prog).st_mode & 0o7777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog.pyz", "unit.service"]
+
+
+def test_installer_refuses_content_that_does_not_match_its_checksum(tmp_path):
+    entry = _entry(tmp_path / "x", b"right")
+    entry["sha1"] = "0" * 40
+    proc = _install({"check": False, "files": [entry]})
+    assert proc.returncode != 0 and "does not match its SHA-1" in proc.stderr
+    assert not (tmp_path / "x").exists()
