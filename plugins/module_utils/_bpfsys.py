@@ -465,7 +465,7 @@ def possible_cpus(path=POSSIBLE_CPUS_PATH):
         with open(path) as f:
             text = f.read().strip()
     except OSError as e:
-        raise LimiterError("reading possible CPUs from %s: %s" % (path, e))
+        raise LimiterError("reading possible CPUs from %s: %s" % (path, e)) from e
     count = 0
     for part in text.split(","):
         lo, _sep, hi = part.partition("-")

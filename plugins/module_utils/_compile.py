@@ -25,19 +25,19 @@ def compile_and_load(source, pin_dir):
     try:
         from bcc import BPF
     except ImportError as e:
-        raise LimiterError("importing BCC (python3-bpfcc / python3-bcc): %s" % e)
+        raise LimiterError("importing BCC (python3-bpfcc / python3-bcc): %s" % e) from e
     try:
         os.makedirs(pin_dir, 0o700)
-    except OSError:
+    except OSError as e:
         if not os.path.isdir(pin_dir):
-            raise LimiterError("creating pin directory %s" % pin_dir)
+            raise LimiterError("creating pin directory %s: %s" % (pin_dir, e.strerror)) from e
     try:
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
         raise LimiterError(
             "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
-        )
+        ) from e
     return bpf, function
 
 

@@ -18,7 +18,7 @@ the namespace it was created in), and switches straight back: the program fd is
 sent from our own process and stays valid.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
@@ -29,6 +29,7 @@ import socket
 import struct
 import traceback
 from contextlib import contextmanager
+from typing import Any
 
 from ._errors import LimiterError
 
@@ -53,6 +54,8 @@ TC_H_EGRESS_HOOK = 0xFFFFFFF3  # ffff:fff3, clsact egress
 ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
+# if_arp.h: the link types whose frames tc hands a classifier with an Ethernet header.
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 
 # enum TCA_BPF_*: pyroute2 0.7.2 decodes up to TCA_BPF_FLAGS (8) only; the
 # kernel's dump also carries FLAGS_GEN (9), TAG (10) and ID (11), left as raw
@@ -117,8 +120,8 @@ def _ipr_in(path, netns):
             raise LimiterError(
                 "network namespace %s not found (%s)" % (netns, path),
                 {"errno": e.errno, "netns": netns},
-            )
-        raise LimiterError("%s: %s" % (what, e.strerror), {"errno": e.errno, "netns": netns})
+            ) from e
+        raise LimiterError("%s: %s" % (what, e.strerror), {"errno": e.errno, "netns": netns}) from e
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ipr = None
     try:
@@ -243,7 +246,7 @@ class Tc:
         try:  # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
         except _NL_ERRORS as e:
-            raise self._error("listing tc filters on", ifname, e)
+            raise self._error("listing tc filters on", ifname, e) from e
 
     # -- interfaces and routes -------------------------------------------------
 
@@ -252,7 +255,7 @@ class Tc:
         try:
             found = self.ipr.link_lookup(ifname=name)
         except _NL_ERRORS as e:
-            raise self._error("looking up interface", name, e)
+            raise self._error("looking up interface", name, e) from e
         if not found:
             raise LimiterError(
                 "interface %s not found" % self._where(name), {"ifname": name, "netns": self.netns}
@@ -280,7 +283,25 @@ class Tc:
             raise LimiterError(
                 "reading default routes%s: %s" % (where, _reason(e)),
                 {"netns": self.netns, "errno": _code(e)},
-            )
+            ) from e
+
+    def interface_exists(self, name: str) -> bool:
+        try:
+            return bool(self.ipr.link_lookup(ifname=name))
+        except _NL_ERRORS as e:
+            raise self._error("looking up interface", name, e) from e
+
+    def link_type(self, name: str) -> int:
+        """The interface's ARPHRD_* link type (ARPHRD_ETHER, ARPHRD_LOOPBACK, ...)."""
+        index = self.interface_index(name)
+        try:
+            return int(self.ipr.get_links(index)[0]["ifi_type"])
+        except _NL_ERRORS as e:
+            raise self._error("reading the link type of", name, e) from e
+
+    def has_ethernet_header(self, name: str) -> bool:
+        """True when tc sees an Ethernet header on frames of this interface (loopback too)."""
+        return self.link_type(name) in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
     # -- qdisc -----------------------------------------------------------------
 
@@ -290,7 +311,7 @@ class Tc:
         try:
             qdiscs = self.ipr.get_qdiscs(index)
         except _NL_ERRORS as e:
-            raise self._error("listing qdiscs on", ifname, e)
+            raise self._error("listing qdiscs on", ifname, e) from e
         for qdisc in qdiscs:
             if qdisc["parent"] == TC_H_CLSACT:
                 return qdisc.get_attr("TCA_KIND")
@@ -316,7 +337,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == "clsact":
                 return False  # someone else was quicker
-            raise self._error("adding clsact qdisc to", ifname, e)
+            raise self._error("adding clsact qdisc to", ifname, e) from e
         return True
 
     def remove_clsact_if_empty(self, ifname):
@@ -332,7 +353,7 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) in (errno.ENOENT, errno.EINVAL):
                 return False
-            raise self._error("removing clsact qdisc from", ifname, e)
+            raise self._error("removing clsact qdisc from", ifname, e) from e
         return True
 
     # -- filters ---------------------------------------------------------------
@@ -378,7 +399,36 @@ class Tc:
                 pref,
                 handle,
             )
-            raise self._error(doing, ifname, e, pref=pref, handle=handle)
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
+
+    def find_filter(self, ifname: str, pref: int, handle: int) -> dict[str, Any] | None:
+        """The ingress filter at (pref, handle) on ifname, or None."""
+        for tc_filter in self.list_filters(ifname):
+            if tc_filter["pref"] == pref and tc_filter["handle"] == handle:
+                return tc_filter
+        return None
+
+    def delete_filter(self, ifname: str, kind: str, protocol: int, pref: int, handle: int) -> None:
+        """Delete the ingress filter at (pref, handle) of this kind and protocol, whatever it
+        is (the kernel matches a deletion on kind and protocol too)."""
+        try:
+            self.ipr.tc(
+                "del-filter",
+                kind,
+                self.interface_index(ifname),
+                handle,
+                parent=TC_H_INGRESS_HOOK,
+                prio=pref,
+                protocol=protocol,
+            )
+        except _NL_ERRORS as e:
+            doing = "removing the %s filter (protocol 0x%04x) at pref %d, handle 0x%x of" % (
+                kind,
+                protocol,
+                pref,
+                handle,
+            )
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
     def detach(self, ifname, pref, handle):
         """Delete the ingress filter at (pref, handle); False if there was none."""
@@ -401,5 +451,5 @@ class Tc:
             if _code(e) == errno.ENOENT:
                 return False
             doing = "detaching filter (pref %d, handle %d) from ingress of" % (pref, handle)
-            raise self._error(doing, ifname, e, pref=pref, handle=handle)
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
         return True

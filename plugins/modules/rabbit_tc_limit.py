@@ -34,12 +34,22 @@ requirements:
   - bpffs mounted at C(/sys/fs/bpf).
   - Jinja2 for the host's Python (C(python3-jinja2)).
 extends_documentation_fragment:
-  - rabbitguard.limiter.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
+  platform:
+    platforms: posix
+  action:
+    support: full
+    details: The action plugin sends the classifier's C template from the collection.
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
 options:
   state:
     description:
@@ -102,11 +112,6 @@ options:
     description: Seconds to wait for another run of this module on the same host.
     type: int
     default: 120
-  _template:
-    description:
-      - Internal, set by this module's action plugin - the classifier's C template, read
-        from the collection on the controller. Never set it in a task.
-    type: str
 notes:
   - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
     is created only if missing, and removed on O(state=absent) only if this module created it
@@ -177,23 +182,25 @@ interfaces:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
 
 
 def build_module():
     return AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", default="present", choices=["present", "absent"]),
+            state=dict(type="str", default="present", choices=list(C.STATES)),
             interfaces=dict(type="list", elements="str"),
-            port=dict(type="int", default=5672),
-            limit=dict(type="int", default=10),
-            action=dict(type="str", default="drop", choices=["drop", "reset", "monitor"]),
-            frame_max=dict(type="int", default=131072),
+            port=dict(type="int", default=C.DEFAULT_PORT),
+            limit=dict(type="int", default=C.DEFAULT_LIMIT),
+            action=dict(type="str", default=C.MODULE_DEFAULT_ACTION, choices=list(C.ACTIONS)),
+            frame_max=dict(type="int", default=C.DEFAULT_FRAME_MAX),
             netns=dict(type="str"),
-            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             kernel_headers=dict(type="path"),
-            lock_timeout=dict(type="int", default=120),
-            # Set by the action plugin: the classifier's template, read on the controller.
+            lock_timeout=dict(type="int", default=C.DEFAULT_LOCK_TIMEOUT),
+            # Internal, not a user option (so not in DOCUMENTATION): the action plugin sends
+            # the classifier's template, read from the collection on the controller.
             _template=dict(type="str", no_log=True),
         ),
         supports_check_mode=True,

@@ -24,13 +24,15 @@ requirements:
   - Root on the managed host.
   - pyroute2 (C(python3-pyroute2)).
 extends_documentation_fragment:
-  - rabbitguard.limiter.attributes
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
     details: The module changes nothing, in check mode or not.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   netns:
     description:
@@ -123,6 +125,7 @@ limiters:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
 
 
@@ -131,7 +134,7 @@ def build_module():
         argument_spec=dict(
             netns=dict(type="str"),
             interfaces=dict(type="list", elements="str"),
-            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             connections=dict(type="bool", default=True),
             min_consumers=dict(type="int", default=0),
         ),

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _plan
 
 DIGEST = "ab" * 32
@@ -11,7 +12,7 @@ WANT = {
         "port": 5672,
         "limit": 3,
         "action": "drop",
-        "frame_max": 131072,
+        "frame_max": C.DEFAULT_FRAME_MAX,
         "l2": "ethernet",
         "pin_dir": "/sys/fs/bpf/x",
     },
@@ -89,7 +90,7 @@ def test_public_config_hides_internals():
         "port": 5672,
         "limit": 3,
         "action": "drop",
-        "frame_max": 131072,
+        "frame_max": C.DEFAULT_FRAME_MAX,
         "l2": "ethernet",
     }
     assert _plan.public_config(None) is None
@@ -99,10 +100,10 @@ def test_public_config_hides_internals():
     "name", ["eth0", "eth0.100", "br-lan", "wg_0", "vlan@x", "ens1f0np0", "naïve"]
 )
 def test_interface_names_become_bpffs_safe_and_come_back(name):
-    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _names, _render
 
-    component = _deploy.path_component(name)
+    component = _names.path_component(name)
     assert "." not in component and "/" not in component
-    assert _deploy.from_path_component(component) == name
+    assert _names.from_path_component(component) == name
     # ...and the pin path passes the renderer's validation.
-    _render.validate(5672, 1, "drop", "ethernet", "/sys/fs/bpf/rabbitguard/v1/host/" + component)
+    _render.validate(5672, 1, "drop", "ethernet", _names.pin_dir(C.DEFAULT_PIN_ROOT, "host", name))

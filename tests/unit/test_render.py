@@ -4,9 +4,10 @@ import re
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
 
-PIN = "/sys/fs/bpf/rabbitguard/eth0"
+PIN = C.DEFAULT_PIN_ROOT + "/eth0"
 
 
 def render(**overrides):
