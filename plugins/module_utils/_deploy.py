@@ -199,15 +199,14 @@ def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Obs
             _pins.unpin_interface(pin)  # nothing was here: leave no directory either
         else:
             _pins.unpin(pin, new_pins)
-        if prog_fd is not None:
-            os.close(prog_fd)
+        _bpfsys.close(prog_fd)
         raise
     try:
         previously = (observed.get("config") or {}).get("created_clsact", False)
         _pins.write_config(pin, config, digest, created_clsact or previously)
         return _program_id(prog_fd)
     finally:
-        os.close(prog_fd)
+        _bpfsys.close(prog_fd)
 
 
 def _program_id(prog_fd: int) -> int:
