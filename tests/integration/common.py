@@ -8,6 +8,7 @@ import json
 import time
 
 import lab
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.lib.ansible_run import INFO, LIMIT
 
 # /run/lock: the module's host lock (/run/lock/rabbitguard-limiter.lock) is per host, as on
@@ -20,9 +21,9 @@ CFG = lab.Config(
 )
 N_HOSTS = 2
 QUEUE = "rgi-q"
-PIN_ROOT = "/sys/fs/bpf/rabbitguard"
+PIN_ROOT = C.DEFAULT_PIN_ROOT
 IFACE = "eth0"
-PREF, HANDLE = 49152, 0x5247
+PREF, HANDLE = C.FILTER_PREF, C.FILTER_HANDLE
 
 
 # ---------------------------------------------------------------------------------------------
