@@ -7,11 +7,12 @@ BCC creates the pinned maps the source declares (BPF_TABLE_PINNED) or reuses the
 already pinned at the same paths, which is how a reload keeps connection state.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
 import os
+from typing import Any
 
 from ._errors import LimiterError
 
@@ -20,7 +21,7 @@ ENTRY_FUNCTION = "rabbit_limiter"
 _CFLAGS = ["-Wno-macro-redefined"]
 
 
-def compile_and_load(source, pin_dir):
+def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
     """Return (bpf, function): keep `bpf` alive as long as the fd is needed."""
     try:
         from bcc import BPF
@@ -41,7 +42,7 @@ def compile_and_load(source, pin_dir):
     return bpf, function
 
 
-def compile_isolated(source, pin_dir):
+def compile_isolated(source: str, pin_dir: str) -> int:
     """Compile and load in a child process; return the program fd (caller closes it).
 
     BCC writes compiler diagnostics to stdout (which would corrupt a module's JSON
@@ -91,7 +92,7 @@ def compile_isolated(source, pin_dir):
     )
 
 
-def _first_error(output):
+def _first_error(output: str) -> str:
     """The line of compiler or verifier output that says what went wrong."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for marker in ("rabbitguard: ", "error:", "Unable to find kernel headers", "bpf: "):

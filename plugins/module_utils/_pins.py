@@ -143,7 +143,7 @@ def counters(pin: str) -> dict[str, int]:
 
 def sum_counters(per_cpu: list[bytes]) -> dict[str, int]:
     """Per-CPU raw Counters values summed by field name."""
-    total = dict.fromkeys([name for name, _type in _layout.Counters._fields_], 0)
+    total = dict.fromkeys([field[0] for field in _layout.Counters._fields_], 0)
     for raw in per_cpu:
         for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
             total[name] += value

@@ -12,9 +12,11 @@ An observation of one interface (see _deploy.observe) is a dict:
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
+
+from typing import Any
 
 FILTER_PREFIX = "rabbitguard-"
 # The filter name carries this much of the source digest: a cheap state key that tc
@@ -29,15 +31,17 @@ FOREIGN = "another program sits at the limiter's tc pref/handle"
 CONFIG_GONE = "the pinned config does not match the attached filter"
 
 
-def filter_name(digest):
+def filter_name(digest: str) -> str:
     return FILTER_PREFIX + digest[:NAME_DIGEST_LEN]
 
 
-def is_ours(tc_filter):
+def is_ours(tc_filter: dict[str, Any] | None) -> bool:
     return tc_filter is not None and (tc_filter.get("name") or "").startswith(FILTER_PREFIX)
 
 
-def plan_interface(observed, desired):
+def plan_interface(
+    observed: dict[str, Any], desired: dict[str, Any] | None
+) -> tuple[str, str | None]:
     """(action, reason) for one interface."""
     ours = is_ours(observed.get("filter"))
     foreign = observed.get("filter") is not None and not ours
@@ -58,7 +62,9 @@ def plan_interface(observed, desired):
     return NONE, None
 
 
-def plan(observed, desired):
+def plan(
+    observed: dict[str, dict[str, Any]], desired: dict[str, dict[str, Any]]
+) -> dict[str, tuple[str, str | None]]:
     """{ifname: (action, reason)} over every interface observed or desired.
 
     observed: {ifname: observation}; desired: {ifname: desired state}. An interface
@@ -70,11 +76,11 @@ def plan(observed, desired):
     return actions
 
 
-def changed(actions):
+def changed(actions: dict[str, tuple[str, str | None]]) -> bool:
     return any(action != NONE for action, _reason in actions.values())
 
 
-def public_config(config):
+def public_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The part of a config a user sets and sees (no pin paths, no internals)."""
     if not config:
         return None

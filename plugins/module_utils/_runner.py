@@ -162,7 +162,7 @@ def describe(
         tc_filter = _deploy.our_slot(tc, ifname)
     config = _pins.read_config(pin)
     pinned = _pins.pins_present(pin)
-    entry = {
+    entry: dict[str, Any] = {
         "namespace": ns_key,
         "interface": ifname,
         "pin_dir": pin,

@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,8 +39,8 @@ try:
     from pyroute2.netlink.exceptions import NetlinkError
 except ImportError:
     HAS_PYROUTE2 = False
-    PYROUTE2_IMPORT_ERROR = traceback.format_exc()
-    _NL_ERRORS = (OSError,)
+    PYROUTE2_IMPORT_ERROR: str | None = traceback.format_exc()
+    _NL_ERRORS: tuple[type[BaseException], ...] = (OSError,)
 else:
     HAS_PYROUTE2 = True
     PYROUTE2_IMPORT_ERROR = None
@@ -69,7 +70,7 @@ TCA_BPF_ID = 11
 FILTER_NAME_MAX = 256
 
 
-def _require_pyroute2():
+def _require_pyroute2() -> None:
     if not HAS_PYROUTE2:
         raise LimiterError(
             "using netlink: the Python library pyroute2 is missing "
@@ -82,7 +83,7 @@ def _require_pyroute2():
 # -- network namespaces -------------------------------------------------------
 
 
-def netns_path(netns):
+def netns_path(netns: str | None) -> str | None:
     """None -> None (current namespace); 'name' -> /run/netns/name; paths as given."""
     if netns is None:
         return None
@@ -91,7 +92,7 @@ def netns_path(netns):
     return os.path.join(NETNS_RUN_DIR, netns)
 
 
-def _setns(fd, what):
+def _setns(fd: int, what: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -100,7 +101,7 @@ def _setns(fd, what):
         raise LimiterError("%s: %s" % (what, os.strerror(err)), {"errno": err})
 
 
-def _new_ipr():
+def _new_ipr() -> Any:
     # ext_ack: the kernel's own reason ("Specified filter kind does not match
     # existing one") comes back in NetlinkError instead of a bare EINVAL.
     # Kernels before 4.12 lack NETLINK_EXT_ACK and refuse the socket option.
@@ -110,7 +111,7 @@ def _new_ipr():
         return IPRoute()
 
 
-def _ipr_in(path, netns):
+def _ipr_in(path: str, netns: str | None) -> Any:
     """An IPRoute whose netlink socket lives in the namespace at path."""
     what = "entering network namespace %s" % netns
     try:
@@ -144,7 +145,7 @@ def _ipr_in(path, netns):
 
 
 @contextmanager
-def open_netns(netns=None):
+def open_netns(netns: str | None = None) -> Iterator[Tc]:
     """A Tc for the given namespace: None (ours), a name in /run/netns, or a path
     such as /proc/PID/ns/net. A missing namespace raises LimiterError."""
     _require_pyroute2()
@@ -159,7 +160,7 @@ def open_netns(netns=None):
 # -- helpers over pyroute2 messages -------------------------------------------
 
 
-def _raw_attrs(msg):
+def _raw_attrs(msg: Any) -> dict[int, bytes]:
     """{type: payload bytes} for the attributes pyroute2 left undecoded."""
     out = {}
     for slot in msg.get("attrs", ()):
@@ -170,7 +171,7 @@ def _raw_attrs(msg):
     return out
 
 
-def _filter_view(msg):
+def _filter_view(msg: Any) -> dict[str, Any]:
     """Our dict for one RTM_NEWTFILTER message."""
     view = {
         "pref": msg["info"] >> 16,
@@ -196,12 +197,12 @@ def _filter_view(msg):
     return view
 
 
-def _code(err):
+def _code(err: BaseException) -> int | None:
     """The errno of a NetlinkError (.code) or OSError (.errno)."""
     return getattr(err, "code", None) or getattr(err, "errno", None)
 
 
-def _reason(err):
+def _reason(err: BaseException) -> str:
     """'Invalid argument: <the kernel's extack message>' from a NetlinkError/OSError."""
     code = _code(err)
     text = os.strerror(code) if code else str(err)
@@ -211,7 +212,7 @@ def _reason(err):
     return text
 
 
-def _check_name(name):
+def _check_name(name: Any) -> None:
     ok = (
         isinstance(name, str)
         and 0 < len(name) <= FILTER_NAME_MAX
@@ -227,21 +228,21 @@ def _check_name(name):
 class Tc:
     """tc operations through one netlink socket; made by open_netns()."""
 
-    def __init__(self, ipr, netns=None):
+    def __init__(self, ipr: Any, netns: str | None = None) -> None:
         self.ipr = ipr
         self.netns = netns
 
-    def _where(self, ifname):
+    def _where(self, ifname: str) -> str:
         if self.netns is None:
             return ifname
         return "%s in netns %s" % (ifname, self.netns)
 
-    def _error(self, doing, ifname, err, **context):
+    def _error(self, doing: str, ifname: str, err: BaseException, **context: Any) -> LimiterError:
         """LimiterError('<doing> <ifname> [in netns X]: <reason>') for a netlink failure."""
         context.update(ifname=ifname, netns=self.netns, errno=_code(err))
         return LimiterError("%s %s: %s" % (doing, self._where(ifname), _reason(err)), context)
 
-    def _dump_filters(self, ifname, parent):
+    def _dump_filters(self, ifname: str, parent: int) -> list[Any]:
         index = self.interface_index(ifname)
         try:  # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
@@ -250,7 +251,7 @@ class Tc:
 
     # -- interfaces and routes -------------------------------------------------
 
-    def interface_index(self, name):
+    def interface_index(self, name: str) -> int:
         """ifindex of name; LimiterError if there is no such interface."""
         try:
             found = self.ipr.link_lookup(ifname=name)
@@ -262,7 +263,7 @@ class Tc:
             )
         return found[0]
 
-    def default_route_interfaces(self):
+    def default_route_interfaces(self) -> list[str]:
         """Interfaces of the main table's default routes, IPv4 then IPv6, no repeats."""
         indexes = []
         try:
@@ -305,7 +306,7 @@ class Tc:
 
     # -- qdisc -----------------------------------------------------------------
 
-    def clsact_kind(self, ifname):
+    def clsact_kind(self, ifname: str) -> str | None:
         """'clsact', 'ingress' or None: what sits at ffff: on ifname."""
         index = self.interface_index(ifname)
         try:
@@ -317,7 +318,7 @@ class Tc:
                 return qdisc.get_attr("TCA_KIND")
         return None
 
-    def ensure_clsact(self, ifname):
+    def ensure_clsact(self, ifname: str) -> bool:
         """Add a clsact qdisc unless there is one; True if it was added.
 
         Root qdiscs (fq_codel, mq, ...) are separate and left alone; an 'ingress'
@@ -340,7 +341,7 @@ class Tc:
             raise self._error("adding clsact qdisc to", ifname, e) from e
         return True
 
-    def remove_clsact_if_empty(self, ifname):
+    def remove_clsact_if_empty(self, ifname: str) -> bool:
         """Delete the clsact qdisc if neither ingress nor egress holds a filter."""
         if self.clsact_kind(ifname) != "clsact":
             return False
@@ -358,7 +359,7 @@ class Tc:
 
     # -- filters ---------------------------------------------------------------
 
-    def list_filters(self, ifname):
+    def list_filters(self, ifname: str) -> list[dict[str, Any]]:
         """Filters on ifname's clsact ingress hook, in dump order (by pref):
         dicts of pref, protocol, handle, kind, name, direct_action, prog_id,
         prog_tag (the last four None where the kind is not bpf)."""
@@ -368,7 +369,7 @@ class Tc:
             if msg["handle"] and msg.get_attr("TCA_OPTIONS") is not None
         ]
 
-    def attach(self, ifname, prog_fd, name, pref, handle):
+    def attach(self, ifname: str, prog_fd: int, name: str, pref: int, handle: int) -> None:
         """Put prog_fd at (pref, handle) on ifname's ingress, direct-action, all
         protocols. Create-or-replace in one netlink request: an existing filter
         there is swapped atomically, and no second filter is ever added."""
@@ -430,7 +431,7 @@ class Tc:
             )
             raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
-    def detach(self, ifname, pref, handle):
+    def detach(self, ifname: str, pref: int, handle: int) -> bool:
         """Delete the ingress filter at (pref, handle); False if there was none."""
         present = any(
             f["pref"] == pref and f["handle"] == handle for f in self.list_filters(ifname)
