@@ -40,6 +40,8 @@ FILTER_HANDLE = 0x5247
 # Frames walked per segment: a bounded loop the verifier unrolls, so it is not a user knob.
 MAX_FRAMES = 256
 
-# Serialises runs of the module and the boot program on one host.
-LOCK_DIR = "/run/lock"
-LOCK_NAME = "rabbitguard-limiter.lock"
+# Serialises runs of the module and the boot program on one host. A directory only root can
+# write (made mode 0700, checked on every run): /run/lock is world-writable, where any local
+# user could take the lock first or put a directory or a symlink in its place.
+LOCK_DIR = "/run/rabbitguard"
+LOCK_NAME = "limiter.lock"

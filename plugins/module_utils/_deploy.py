@@ -121,18 +121,31 @@ def l2_kind(tc: _tc.Tc, ifname: str) -> str:
 
 def observe(tc: _tc.Tc, pin_root: str, ns_key: str, ifnames: list[str]) -> dict[str, Observation]:
     """{ifname: observation} for the named interfaces and every interface with pins."""
-    observed = {}
-    for ifname in sorted(set(ifnames) | set(_pins.pinned_interfaces(pin_root, ns_key))):
-        pin = _names.pin_dir(pin_root, ns_key, ifname)
-        exists = tc.interface_exists(ifname)
-        observed[ifname] = {
-            "exists": exists,
-            "pins": _pins.pins_present(pin),
-            "pin_dir": pin,
-            "config": _pins.read_config(pin),
-            "filter": our_slot(tc, ifname) if exists else None,
-        }
-    return observed
+    wanted = set(ifnames) | set(_pins.pinned_interfaces(pin_root, ns_key))
+    return {ifname: observe_one(tc, pin_root, ns_key, ifname) for ifname in sorted(wanted)}
+
+
+def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> Observation:
+    """One interface as found (tc None: its namespace is gone). See _plan for the fields."""
+    pin = _names.pin_dir(pin_root, ns_key, ifname)
+    exists = tc is not None and tc.interface_exists(ifname)
+    filters = tc.list_filters(ifname) if tc is not None and exists else []
+    slot = (_constants.FILTER_PREF, _constants.FILTER_HANDLE)
+    found = [f for f in filters if (f["pref"], f["handle"]) == slot]
+    pins = _pins.pins_present(pin)
+    observation = {
+        "exists": exists,
+        "pins": pins,
+        "pin_dir": pin,
+        "config": _pins.read_config(pin),
+        "filter": found[0] if found else None,
+        "shadows": [f for f in filters if f["pref"] < _constants.FILTER_PREF],
+        "maps_match": None,
+    }
+    prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
+    if pins and prog_id:
+        observation["maps_match"] = _pins.program_uses_pins(pin, prog_id)
+    return observation
 
 
 def desire(
@@ -263,6 +276,8 @@ def apply(
     """
     result = ApplyResult() if result is None else result
     present = params.get("state", "present") == "present"
+    # Every state: nothing outside bpffs is ever touched.
+    params = dict(params, pin_dir=_render.check_pin_dir(params["pin_dir"]))
     if present:
         validate_options(params)
         if template is None:
@@ -273,6 +288,7 @@ def apply(
     while path is not None and not os.path.exists(path) and time.time() < deadline:
         time.sleep(1)  # a container's namespace may come up late
     with _host.host_lock(params["lock_timeout"]):
+        _pins.check_tree(params["pin_dir"])
         if present:
             assert template is not None
             _present(params, template, check_mode, deadline, result)
@@ -308,17 +324,33 @@ def _present(
             )
         observed = observe(tc, pin_root, ns_key, ifnames)
         actions = _plan.plan(observed, desired)
+        for ifname in ifnames:
+            result.warnings += _plan.shadow_warnings(
+                _label(ns_key, ifname), observed[ifname], _constants.FILTER_PREF
+            )
         if not check_mode and any(a in BUILDS for a, _r in actions.values()):
             tree = _host.check_kernel_headers(params["kernel_headers"])
-            if params["kernel_headers"]:
+            if tree is not None:
                 os.environ["BCC_KERNEL_SOURCE"] = tree
         _act(tc, ns_key, actions, observed, desired, sources, check_mode, result)
 
 
+def _label(ns_key: str, ifname: str) -> str:
+    return ifname if ns_key == _names.HOST_KEY else "%s/%s" % (ns_key, ifname)
+
+
 def _absent(params: Params, check_mode: bool, result: ApplyResult) -> None:
-    pin_root = params["pin_dir"]
-    ns_key = _names.namespace_key(params["netns"])
-    with _tc.open_netns(params["netns"]) as tc:
+    pin_root, netns = params["pin_dir"], params["netns"]
+    path = _tc.netns_path(netns)
+    if path is not None and not os.path.exists(path):
+        if "/" in path and netns is not None and "/" in netns:
+            raise LimiterError(_gone_path_message(pin_root, netns))
+        # A named namespace that is gone: its filters went with it, its pins are left.
+        ns_key = _names.namespace_key(netns)
+        _absent_namespace(pin_root, ns_key, check_mode, result, params["interfaces"])
+        return
+    ns_key = _names.namespace_key(netns)
+    with _tc.open_netns(netns) as tc:
         ifnames = params["interfaces"]
         if ifnames is None:
             ifnames = _pins.pinned_interfaces(pin_root, ns_key)
@@ -327,7 +359,29 @@ def _absent(params: Params, check_mode: bool, result: ApplyResult) -> None:
         _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, result)
 
 
-def _absent_namespace(pin_root: str, ns_key: str, check_mode: bool, result: ApplyResult) -> None:
+def _gone_path_message(pin_root: str, netns: str) -> str:
+    """What to say for netns=<a path that is gone>: its pins are keyed by the inode it had."""
+    left = []
+    for ns_key in _pins.pinned_namespaces(pin_root):
+        if ns_key.startswith("ns-") and not _names.resolve_namespace(ns_key)[0]:
+            names = ", ".join(_pins.pinned_interfaces(pin_root, ns_key))
+            left.append("%s (%s)" % (_names.namespace_dir(pin_root, ns_key), names))
+    return "netns %s: no such namespace, so the pins it had cannot be told apart%s" % (
+        netns,
+        "; pins of namespaces that are gone: %s - state=absent with neither netns nor "
+        "interfaces removes them" % "; ".join(left)
+        if left
+        else " (no pins of a namespace that is gone are left)",
+    )
+
+
+def _absent_namespace(
+    pin_root: str,
+    ns_key: str,
+    check_mode: bool,
+    result: ApplyResult,
+    interfaces: list[str] | None = None,
+) -> None:
     """Remove the limiter from one namespace the pins name; it may be gone already."""
     found, netns = _names.resolve_namespace(ns_key)
     if found:
@@ -337,6 +391,8 @@ def _absent_namespace(pin_root: str, ns_key: str, check_mode: bool, result: Appl
         return
     # The namespace (and its filters) no longer exist: only the pins are left to remove.
     for ifname in _pins.pinned_interfaces(pin_root, ns_key):
+        if interfaces is not None and ifname not in interfaces:
+            continue
         pin = _names.pin_dir(pin_root, ns_key, ifname)
         result.outcomes.append(
             Outcome(

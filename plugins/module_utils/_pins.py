@@ -17,7 +17,7 @@ import errno
 import os
 from typing import Any
 
-from . import _bpfsys, _constants, _layout, _names
+from . import _bpfsys, _constants, _host, _layout, _names
 from ._errors import LimiterError
 
 _ZERO_KEY = b"\x00" * 4
@@ -101,6 +101,37 @@ def map_ids(pin: str) -> dict[str, int | None]:
         with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
             ids[name] = _bpfsys.map_info(fd)["id"]
     return ids
+
+
+def program_uses_pins(pin: str, prog_id: int) -> bool:
+    """Whether the loaded program prog_id uses every map pinned for this interface (a program
+    compiled against other maps, e.g. pins recreated behind its back, counts nothing here)."""
+    prog_fd = _bpfsys.prog_get_fd_by_id(prog_id)
+    try:
+        used = set(_bpfsys.prog_info(prog_fd)["map_ids"])
+    finally:
+        _bpfsys.close(prog_fd)
+    pinned = map_ids(pin)
+    return all(map_id is not None and map_id in used for map_id in pinned.values())
+
+
+def check_tree(pin_root: str) -> None:
+    """Every directory of the pin tree that exists is root's and no one else may write it.
+
+    Where bpffs is mounted without mode=700, a local user could make these directories
+    first and then delete or swap root's pins: refuse to use them."""
+    if not os.path.lexists(pin_root):
+        return
+    _host.check_private_dir(pin_root, "the pin directory")
+    layout = _names.layout_root(pin_root)
+    if not os.path.lexists(layout):
+        return
+    _host.check_private_dir(layout, "the pin directory")
+    for ns_key in _listdir(layout):
+        ns_dir = os.path.join(layout, ns_key)
+        _host.check_private_dir(ns_dir, "the pin directory")
+        for name in _listdir(ns_dir):
+            _host.check_private_dir(os.path.join(ns_dir, name), "the pin directory")
 
 
 # -- removing pins ------------------------------------------------------------------------

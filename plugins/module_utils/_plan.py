@@ -9,6 +9,9 @@ An observation of one interface (see _deploy.observe) is a dict:
     pins      True when all of the limiter's maps are pinned for it
     config    the deployed config read from the pinned config map (a dict), or None
     filter    the ingress filter at our pref/handle: {"name", "prog_id"}, or None
+    maps_match  False when the attached program does not use the pinned maps (None: not
+              known, e.g. no filter or no pins)
+    shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
 """
 
@@ -29,6 +32,8 @@ FILTER_GONE = "the filter is gone but its pinned maps are there"
 PINS_GONE = "the filter is there but its pinned maps are gone"
 FOREIGN = "another program sits at the limiter's tc pref/handle"
 CONFIG_GONE = "the pinned config does not match the attached filter"
+MAPS_DIFFER = "the attached program does not use the pinned maps"
+IFACE_GONE = "the interface is gone but its pinned maps are there"
 
 
 def filter_name(digest: str) -> str:
@@ -57,9 +62,43 @@ def plan_interface(
         return REPAIR, PINS_GONE
     if observed["filter"]["name"] != filter_name(desired["digest"]):
         return REPLACE, None
+    if observed.get("maps_match") is False:
+        return REPAIR, MAPS_DIFFER
     if (observed.get("config") or {}).get("digest") != desired["digest"]:
         return REPAIR, CONFIG_GONE
     return NONE, None
+
+
+def drift(observed: dict[str, Any]) -> str | None:
+    """What is wrong with a deployment as found (None: filter, pins and config agree)."""
+    tc_filter = observed.get("filter")
+    ours = is_ours(tc_filter)
+    if ours and not observed.get("pins"):
+        return PINS_GONE
+    if not observed.get("pins"):
+        return None
+    if not observed.get("exists", True):
+        return IFACE_GONE
+    if tc_filter is None:
+        return FILTER_GONE
+    if not ours:
+        return FOREIGN
+    config = observed.get("config")
+    if config is None or tc_filter.get("name") != filter_name(config["digest"]):
+        return CONFIG_GONE
+    if observed.get("maps_match") is False:
+        return MAPS_DIFFER
+    return None
+
+
+def shadow_warnings(ifname: str, observed: dict[str, Any], our_pref: int) -> list[str]:
+    """One warning per filter that runs before ours on the interface's ingress hook."""
+    return [
+        "%s: a %s filter at pref %d (protocol 0x%04x) runs before the limiter's (pref %d); "
+        "if it returns a verdict, traffic bypasses the limiter"
+        % (ifname, f.get("kind"), f["pref"], f.get("protocol") or 0, our_pref)
+        for f in observed.get("shadows") or ()
+    ]
 
 
 def plan(

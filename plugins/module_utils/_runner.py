@@ -22,6 +22,7 @@ from ansible.module_utils.common.respawn import (
     respawn_module,
 )
 
+from . import _constants as C
 from . import _deploy, _host, _names, _pins, _plan, _render, _tc
 from ._errors import LimiterError
 
@@ -123,59 +124,61 @@ def run_info(module: Any) -> None:
     limiters: list[dict[str, Any]] = []
     try:
         limiters = describe_all(params, limiters)
-    except LimiterError as e:
+    except (LimiterError, _render.ConfigError) as e:
         module.fail_json(**_failure(e), limiters=limiters)
     module.exit_json(changed=False, limiters=limiters)
 
 
 def describe_all(params: dict[str, Any], limiters: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The info module's entries, appended to limiters as they are read."""
-    pin_root = params["pin_dir"]
+    """The info module's entries, appended to limiters as they are read: every interface
+    with pins, and every interface whose filter is ours although its pins are gone."""
+    pin_root = _render.check_pin_dir(params["pin_dir"])
     _host.check_bpffs()
+    _pins.check_tree(pin_root)
     if params["netns"] is not None:
         ns_keys = [_names.namespace_key(params["netns"])]
     else:
-        ns_keys = _pins.pinned_namespaces(pin_root)
+        ns_keys = sorted(set(_pins.pinned_namespaces(pin_root)) | {_names.HOST_KEY})
     for ns_key in ns_keys:
         found, netns = _names.resolve_namespace(ns_key)
         if params["netns"] is not None:
             found, netns = True, params["netns"]
-        ifnames = _pins.pinned_interfaces(pin_root, ns_key)
-        if params["interfaces"] is not None:
-            ifnames = [i for i in ifnames if i in params["interfaces"]]
-        if not ifnames:
+        ifnames = set(_pins.pinned_interfaces(pin_root, ns_key))
+        if not found:
+            limiters += [
+                describe(None, pin_root, ns_key, i, params)
+                for i in sorted(ifnames)
+                if params["interfaces"] is None or i in params["interfaces"]
+            ]
             continue
-        if found:
-            with _tc.open_netns(netns) as tc:
-                limiters += [describe(tc, pin_root, ns_key, i, params) for i in ifnames]
-        else:
-            limiters += [describe(None, pin_root, ns_key, i, params) for i in ifnames]
+        with _tc.open_netns(netns) as tc:
+            ifnames |= {i for i in tc.interface_names() if _plan.is_ours(_deploy.our_slot(tc, i))}
+            if params["interfaces"] is not None:
+                ifnames &= set(params["interfaces"])
+            limiters += [describe(tc, pin_root, ns_key, i, params) for i in sorted(ifnames)]
     return limiters
 
 
 def describe(
     tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str, params: dict[str, Any]
 ) -> dict[str, Any]:
-    pin = _names.pin_dir(pin_root, ns_key, ifname)
-    tc_filter = None
-    if tc is not None and tc.interface_exists(ifname):
-        tc_filter = _deploy.our_slot(tc, ifname)
-    config = _pins.read_config(pin)
-    pinned = _pins.pins_present(pin)
+    seen = _deploy.observe_one(tc, pin_root, ns_key, ifname)
+    tc_filter, pin = seen["filter"], seen["pin_dir"]
+    ours = _plan.is_ours(tc_filter)
+    drift = _plan.drift(seen)
     entry: dict[str, Any] = {
         "namespace": ns_key,
         "interface": ifname,
         "pin_dir": pin,
-        "config": _plan.public_config(config),
-        "attached": tc_filter is not None
-        and _plan.is_ours(tc_filter)
-        and config is not None
-        and tc_filter["name"] == _plan.filter_name(config["digest"]),
-        "program_id": tc_filter["prog_id"] if tc_filter and _plan.is_ours(tc_filter) else None,
-        "counters": _pins.counters(pin) if pinned else None,
+        "config": _plan.public_config(seen["config"]),
+        "attached": ours and seen["pins"] and drift is None,
+        "program_id": tc_filter["prog_id"] if ours else None,
+        "drift": drift,
+        "warnings": _plan.shadow_warnings(ifname, seen, C.FILTER_PREF) if ours else [],
+        "counters": _pins.counters(pin) if seen["pins"] else None,
         "connections": [],
     }
-    if params["connections"] and pinned:
+    if params["connections"] and seen["pins"]:
         conns = _pins.connections(pin)
         entry["connections"] = [c for c in conns if c["consumers"] >= params["min_consumers"]]
         entry["connection_count"] = len(conns)

@@ -286,6 +286,17 @@ class Tc:
                 {"netns": self.netns, "errno": _code(e)},
             ) from e
 
+    def interface_names(self) -> list[str]:
+        """Every interface of the namespace."""
+        try:
+            return [str(link.get_attr("IFLA_IFNAME")) for link in self.ipr.get_links()]
+        except _NL_ERRORS as e:
+            where = "" if self.netns is None else " in netns %s" % self.netns
+            raise LimiterError(
+                "listing interfaces%s: %s" % (where, _reason(e)),
+                {"netns": self.netns, "errno": _code(e)},
+            ) from e
+
     def interface_exists(self, name: str) -> bool:
         try:
             return bool(self.ipr.link_lookup(ifname=name))

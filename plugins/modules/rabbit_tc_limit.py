@@ -23,7 +23,12 @@ description:
   - It repairs what it finds broken, a filter gone with its pins left (an interface was
     recreated), pins gone with the filter left (bpffs remounted), or a foreign program at its
     tc pref and handle.
-  - Runs on one host are serialised by a lock.
+  - Runs on one host are serialised by a lock in C(/run/rabbitguard), a directory only root
+    may write (the module makes it mode 0700 and refuses one that is not root's).
+  - A filter at an earlier pref of the same ingress hook runs before the limiter and can
+    bypass it; each run reports such filters as warnings.
+  - Pin directories that are not root's, or that group or others may write, are refused
+    (where bpffs is mounted without C(mode=700), a local user could make them first).
 author:
   - rabbitguard.limiter contributors (@rabbitguard)
 requirements:
@@ -100,7 +105,9 @@ options:
         for brokers in containers. Default, the host's namespace.
     type: str
   pin_dir:
-    description: Where the limiter's maps are pinned; must be on bpffs.
+    description:
+      - Where the limiter's maps are pinned; must be a directory under C(/sys/fs/bpf), for
+        every O(state).
     type: path
     default: /sys/fs/bpf/rabbitguard
   kernel_headers:
@@ -164,7 +171,7 @@ interfaces:
       description: One of V(none), V(create), V(replace), V(repair), V(remove).
       type: str
     reason:
-      description: Why a repair was needed.
+      description: Why a repair was needed, or why a namespace's pins were removed.
       type: str
     config:
       description: The configuration deployed after the run (null when removed).

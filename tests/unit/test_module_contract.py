@@ -126,6 +126,12 @@ class FakePins:
     def unpin(self, pin, names):
         self.pinned.pop(pin, None)
 
+    def program_uses_pins(self, pin, prog_id):
+        return prog_id not in getattr(self, "foreign_maps", ())
+
+    def check_tree(self, pin_root):
+        pass
+
     def compile_isolated(self, source, pin):
         """BCC pins the maps (no config yet) and loads a program: its fd is its id here."""
         self.pinned.setdefault(pin, None)
@@ -183,14 +189,14 @@ def host(monkeypatch):
     monkeypatch.setattr(_tc, "open_netns", open_netns)
     for name in ("pinned_namespaces", "pinned_interfaces", "pins_present", "read_config"):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
-    for name in ("write_config", "unpin_interface", "unpin"):
+    for name in ("write_config", "unpin_interface", "unpin", "program_uses_pins", "check_tree"):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
     monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
     monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
     monkeypatch.setattr(_host, "check_bpffs", lambda: None)
     monkeypatch.setattr(_host, "host_lock", lambda timeout: contextlib.nullcontext())
-    monkeypatch.setattr(_host, "check_kernel_headers", lambda tree: tree or "/lib/modules/x")
+    monkeypatch.setattr(_host, "check_kernel_headers", lambda tree: tree)
     monkeypatch.setattr(_runner, "check_root", lambda module: None)
     monkeypatch.setattr(_runner, "ensure_python_libs", lambda module, names: None)
     monkeypatch.setattr(_names, "resolve_namespace", lambda key: (key == _names.HOST_KEY, None))
@@ -368,3 +374,47 @@ def test_the_pin_store_fake_speaks_the_real_layout():
     assert os.path.dirname(_names.pin_dir(PIN_ROOT, "host", "x")) == _names.namespace_dir(
         PIN_ROOT, "host"
     )
+
+
+def test_absent_with_the_netns_of_a_namespace_that_is_gone_removes_its_pins(host):
+    host.namespaces["gone"] = FakeTc()
+    run(netns="gone")
+    del host.namespaces["gone"]
+
+    outcome = run(state="absent", netns="gone")
+
+    assert not outcome.failed, outcome.result
+    assert entry(outcome, ns="netns-gone")["reason"] == "the namespace is gone"
+    assert host.pinned == {}
+
+
+def test_a_pin_dir_outside_bpffs_is_refused_for_every_state(host):
+    run()
+    before = state(host)
+    for params in (dict(), dict(state="absent"), dict(state="absent", interfaces=["eth0"])):
+        outcome = run(pin_dir="/tmp/rabbitguard", **params)
+        assert outcome.failed and "pin_dir must be a directory under" in outcome.result["msg"]
+    assert state(host) == before
+
+
+def test_a_filter_before_ours_is_a_warning(host):
+    tc = host.namespaces[None]
+    tc.filters["eth0"] = [
+        {"pref": 1, "handle": 1, "kind": "u32", "protocol": 3, "name": None, "prog_id": None}
+    ]
+    outcome = run()
+    (warning,) = outcome.result["warnings"]
+    assert "eth0: a u32 filter at pref 1" in warning and "bypasses the limiter" in warning
+    assert run().result["warnings"] == [warning]  # every run says so, changed or not
+
+
+def test_a_program_that_does_not_use_the_pins_is_repaired(host):
+    first = run()
+    host.foreign_maps = {entry(first)["program_id"]}
+
+    outcome = run()
+
+    assert outcome.result["changed"] is True
+    assert entry(outcome)["action"] == "repair"
+    assert entry(outcome)["reason"] == "the attached program does not use the pinned maps"
+    assert entry(outcome)["program_id"] != entry(first)["program_id"]
