@@ -18,7 +18,7 @@ __metaclass__ = type
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, cast
 
 from . import _bpfsys, _compile, _constants, _host, _layout, _names, _pins, _plan, _render, _tc
 from ._errors import LimiterError
@@ -290,8 +290,7 @@ def apply(
     with _host.host_lock(params["lock_timeout"]):
         _pins.check_tree(params["pin_dir"])
         if present:
-            assert template is not None
-            _present(params, template, check_mode, deadline, result)
+            _present(params, cast(str, template), check_mode, deadline, result)
         elif params["interfaces"] is None and params["netns"] is None:
             for ns_key in _pins.pinned_namespaces(params["pin_dir"]):
                 _absent_namespace(params["pin_dir"], ns_key, check_mode, result)
@@ -434,8 +433,7 @@ def _act(
             pin_dir=want["config"]["pin_dir"] if want else seen.get("pin_dir"),
         )
         if not check_mode:
-            if action in BUILDS:
-                assert want is not None
+            if action in BUILDS and want is not None:  # a build is always of something wanted
                 outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen)
                 outcome.compiled = True
             elif action == _plan.REMOVE:
