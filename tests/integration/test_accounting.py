@@ -157,7 +157,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
         "client": "198.18.240.1",
         "client_port": consumer.local_port,
         "broker": limited["ipv4"],
-        "broker_port": 5672,
+        "broker_port": C.DEFAULT_PORT,
         "consumers": LIMIT,
         "channels": {str(ch1): 2, str(ch2): 1},
         "refused": 0,
