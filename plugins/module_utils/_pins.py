@@ -104,15 +104,25 @@ def map_ids(pin: str) -> dict[str, int | None]:
 
 
 def program_uses_pins(pin: str, prog_id: int) -> bool:
-    """Whether the loaded program prog_id uses every map pinned for this interface (a program
-    compiled against other maps, e.g. pins recreated behind its back, counts nothing here)."""
+    """Whether the loaded program prog_id uses the maps pinned for this interface, each map
+    it uses by one of our names being the pinned one (a program compiled against other maps,
+    e.g. pins made again behind its back, counts nothing here). The program holds only the
+    maps its code uses (not the config map, which userspace alone reads)."""
     prog_fd = _bpfsys.prog_get_fd_by_id(prog_id)
     try:
-        used = set(_bpfsys.prog_info(prog_fd)["map_ids"])
+        used_ids = _bpfsys.prog_info(prog_fd)["map_ids"]
     finally:
         _bpfsys.close(prog_fd)
     pinned = map_ids(pin)
-    return all(map_id is not None and map_id in used for map_id in pinned.values())
+    checked = 0
+    for map_id in used_ids:
+        with _bpfsys.owned_fd(_bpfsys.map_get_fd_by_id(map_id)) as fd:
+            name = _bpfsys.map_info(fd)["name"]
+        if name in pinned:
+            checked += 1
+            if pinned[name] != map_id:
+                return False
+    return checked > 0
 
 
 def check_tree(pin_root: str) -> None:

@@ -105,8 +105,8 @@ limiters:
       type: str
     warnings:
       description:
-        - Filters at an earlier pref on the same ingress hook: they run before the limiter,
-          and a verdict of theirs bypasses it.
+        - Filters at an earlier pref on the same ingress hook, which run before the limiter
+          (a verdict of theirs bypasses it).
       type: list
       elements: str
     program_id:

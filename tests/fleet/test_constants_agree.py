@@ -44,6 +44,12 @@ def test_role_defaults_and_specs_take_the_constants():
     assert main["tc_limiter_state"]["choices"] == list(C.STATES)
 
 
+def test_module_docs_parse():
+    for module in (rabbit_tc_limit, rabbit_tc_limit_info):
+        for text in (module.DOCUMENTATION, module.EXAMPLES, module.RETURN):
+            assert yaml.safe_load(text), module.__name__
+
+
 def _doc_options(module):
     return yaml.safe_load(module.DOCUMENTATION)["options"]
 
