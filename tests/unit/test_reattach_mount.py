@@ -9,7 +9,7 @@ def test_bpffs_is_mounted_mode_700(monkeypatch):
     calls = []
     monkeypatch.setattr(_bpfsys, "is_bpffs", lambda path: False)
     monkeypatch.setattr(_reattach.os.path, "isdir", lambda path: True)
-    monkeypatch.setattr(_reattach.subprocess, "check_call", lambda argv: calls.append(argv))
+    monkeypatch.setattr(_reattach.subprocess, "check_call", calls.append)
 
     assert _reattach.ensure_bpffs() is True
     assert calls == [["mount", "-t", "bpf", "-o", "mode=700", "bpf", C.BPFFS_ROOT]]
