@@ -96,7 +96,7 @@ class Baseline:
 
     def __init__(self):
         with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
-            self.bpf = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
+            self.bpf = BPF(text=f.read().encode())
         self.fds = {
             name: self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
             for name in ("noop", "naive_limiter")
