@@ -17,8 +17,7 @@ from typing import Any
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
-# asm/frame.h (pulled in by kernel headers) defines FRAME_END too; ours wins, silently.
-_CFLAGS = ["-Wno-macro-redefined"]
+_CFLAGS = []
 
 
 def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:

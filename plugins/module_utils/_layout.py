@@ -17,7 +17,7 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
@@ -40,11 +40,16 @@ class ConnState(ctypes.Structure):
         ("next_hdr", ctypes.c_uint32),
         ("consumers", ctypes.c_uint32),
         ("refused", ctypes.c_uint32),
+        ("rcv_nxt", ctypes.c_uint32),
+        ("ooo_start", ctypes.c_uint32),
+        ("ooo_end", ctypes.c_uint32),
+        ("syn_next", ctypes.c_uint32),
         ("synced", ctypes.c_uint8),
         ("ended", ctypes.c_uint8),
         ("after_frame", ctypes.c_uint8),
         ("stash_len", ctypes.c_uint8),
         ("stash", ctypes.c_uint8 * 11),
+        ("flags", ctypes.c_uint8),
     ]
 
 

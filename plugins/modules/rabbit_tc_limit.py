@@ -165,7 +165,7 @@ interfaces:
         config: {port: 5672, limit: 5, action: drop, frame_max: 131072, l2: ethernet}
         program_id: 412
         compiled: true
-        pin_dir: /sys/fs/bpf/rabbitguard/v1/host/eth0
+        pin_dir: /sys/fs/bpf/rabbitguard/v2/host/eth0
   contains:
     action:
       description: One of V(none), V(create), V(replace), V(repair), V(remove).

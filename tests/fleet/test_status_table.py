@@ -29,7 +29,7 @@ def entry(**overrides):
     base = {
         "namespace": "host",
         "interface": "eth0",
-        "pin_dir": C.DEFAULT_PIN_ROOT + "/v1/host/eth0",
+        "pin_dir": C.DEFAULT_PIN_ROOT + "/v2/host/eth0",
         "config": None,
         "attached": False,
         "program_id": 42,

@@ -10,6 +10,7 @@ repairs it (action repair, with the reason) and that the limit holds again.
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils._layout import LAYOUT_VERSION
 from tests.integration.common import (
     HANDLE,
     IFACE,
@@ -119,7 +120,7 @@ def test_pins_deleted_by_hand_are_repaired(ansible, deployed, queues, client_poo
 
     pinned = pins(HOST)
     for name in MAPS:
-        assert "%s/v1/host/%s/%s" % (PIN_ROOT, IFACE, name) in pinned, pinned
+        assert "%s/v%d/host/%s/%s" % (PIN_ROOT, LAYOUT_VERSION, IFACE, name) in pinned, pinned
     assert limited(deployed, queues, client_pool, "pins-repaired")
     entry = limiter_entry(info(ansible, HOST))
     assert entry["attached"] is True and entry["config"]["limit"] == LIMIT
