@@ -1,0 +1,202 @@
+"""The classifier on TCP-realistic streams, against what the broker's TCP delivers (issue 7).
+
+Per perturbation family (tests/lib/tcp_harness.py) and action, STREAMS streams (env
+RG_TCP_STREAMS; more by hand), each from its own seed, half of them honest:
+
+  (a) an honest stream (never more than `limit` live consumers) is never refused: no
+      segment dropped or turned into a RST, every byte reaches the broker; with
+      `monitor` this holds for every stream, faulty or not;
+  (b) the broker never receives more than `limit` live consumers on a connection
+      (the reference model on the delivered stream), with `drop` and `reset`;
+  counts: with `monitor`, the counters equal the model's on the client's stream.
+
+Reordering and loss before the classifier open gaps in what it sees. Without strict mode
+the product promises (a) there, not (b): they are asserted on (a) alone.
+
+A failure prints the seed, the smallest failing list of client operations (shrunk), and
+the segments with the classifier's verdicts; RG_TCP_SEED shifts every seed, to explore.
+"""
+
+import math
+import os
+import random
+import zlib
+
+import pytest
+
+from tests.lib import amqp, packets
+from tests.lib.dataplane import TC_ACT_OK
+from tests.lib.tcp_harness import (
+    FAMILIES,
+    FRAME_MAX,
+    ClientGen,
+    TcpRun,
+    describe,
+    judge,
+    map_size,
+    render,
+    run_stream,
+    shrink,
+)
+
+pytestmark = pytest.mark.bpf
+
+STREAMS = int(os.environ.get("RG_TCP_STREAMS", "250"))
+SEED = int(os.environ.get("RG_TCP_SEED", "0"))
+VARIANTS = {
+    "drop": dict(limit=3, action="drop"),
+    "reset": dict(limit=2, action="reset"),
+    "monitor": dict(limit=1, action="monitor"),
+}
+ALL_BARS = ("a", "b", "counts")
+BARS = {
+    "inorder": ALL_BARS,
+    "cuts": ALL_BARS,
+    "cuts_protocol_header": ALL_BARS,
+    "retx_after_later": ALL_BARS,
+    "retx_partial_coalesced": ALL_BARS,
+    "control": ALL_BARS,
+    "reorder": ("a",),
+    "loss": ("a",),
+}
+
+# (family, action) -> the issue 7 defect that makes it fail today. Strict: the mark fails
+# the suite once the defect is fixed, and must then go.
+KNOWN = {}
+
+
+def cases():
+    for family in FAMILIES:
+        for action in VARIANTS:
+            marks = ()
+            if (family, action) in KNOWN:
+                marks = pytest.mark.xfail(strict=True, reason=KNOWN[family, action])
+            yield pytest.param(family, action, marks=marks, id="%s-%s" % (family, action))
+
+
+def base_seed(*names):
+    return zlib.crc32("/".join(names).encode()) * 100000 + SEED
+
+
+@pytest.mark.parametrize("family,action", list(cases()))
+def test_tcp_realistic(dataplanes, family, action):
+    variant = VARIANTS[action]
+    dp = dataplanes(frame_max=FRAME_MAX, **variant)
+    fam, bars, limit = FAMILIES[family], BARS[family], variant["limit"]
+    base = base_seed(family, action)
+    for i in range(STREAMS):
+        seed = base + i
+        failures, run, ops = run_stream(dp, fam, limit, action, seed, i, bars=bars)
+        if failures:
+            pytest.fail(minimal_report(dp, fam, limit, action, seed, ops, failures, bars))
+
+
+def minimal_report(dp, fam, limit, action, seed, ops, failures, bars):
+    kind = failures[0][:3]
+    tries = iter(range(200000, 260000))
+
+    def still_fails(candidate):
+        got, _run, _ops = run_stream(
+            dp, fam, limit, action, seed, next(tries), ops=candidate, bars=bars
+        )
+        return bool(got) and got[0][:3] == kind
+
+    small = shrink(still_fails, list(ops))
+    got, run, _ops = run_stream(dp, fam, limit, action, seed, next(tries), ops=small, bars=bars)
+    return "%s\n\nas first found (%d ops): %s" % (
+        describe(seed, fam, small, run, got),
+        len(ops),
+        "; ".join(failures),
+    )
+
+
+# -- more connections than the maps hold -----------------------------------------------------
+EVICTION_LIMIT = 4
+EVICTION_VICTIMS = int(os.environ.get("RG_TCP_VICTIMS", "24"))
+EVICTION_KNOWN = {}
+_churn_cache = {}
+
+
+def churn_packets(flavour, count, per_conn, port):
+    """count connections, each one segment: the protocol header and per_conn consumes on
+    channels of their own; "ended" ones carry FIN on it (the connection is over), "live"
+    ones stay open."""
+    key = (flavour, count, per_conn, port)
+    if key not in _churn_cache:
+        payload = amqp.PROTOCOL_HEADER + b"".join(
+            amqp.channel_open(ch) + amqp.consume(ch) for ch in range(1, per_conn + 1)
+        )
+        flags = packets.ACK | packets.PSH | (packets.FIN if flavour == "ended" else 0)
+        _churn_cache.clear()
+        _churn_cache[key] = [
+            packets.tcp_packet(
+                "198.19.%d.1" % (k // 60000),
+                "198.18.0.1",
+                1024 + k % 60000,
+                port,
+                5000,
+                payload,
+                flags,
+            )
+            for k in range(count)
+        ]
+    return _churn_cache[key]
+
+
+def eviction_cases():
+    for flavour in ("ended", "live"):
+        for action in VARIANTS:
+            marks = ()
+            if (flavour, action) in EVICTION_KNOWN:
+                marks = pytest.mark.xfail(strict=True, reason=EVICTION_KNOWN[flavour, action])
+            yield pytest.param(flavour, action, marks=marks, id="%s-%s" % (flavour, action))
+
+
+@pytest.mark.parametrize("flavour,action", list(eviction_cases()))
+def test_eviction_under_pressure(dataplanes, flavour, action):
+    """Long-lived connections at their limit, then more connections than the maps hold
+    (sizes read from the program): "ended" ones (each over after one segment, so only
+    their leftovers press on the maps) or "live" ones. The long-lived connections then go
+    on: (a) always; (b) only beside ended connections, since beyond the sizing a live
+    connection may be forgotten."""
+    dp = dataplanes(frame_max=FRAME_MAX, limit=EVICTION_LIMIT, action=action)
+    conns_max, chans_max = map_size(dp.source, "conns"), map_size(dp.source, "channels")
+    count = conns_max * 5 // 4
+    per_conn = math.ceil(chans_max * 5 / 4 / count)
+    assert per_conn <= EVICTION_LIMIT, "churn connections would go over the limit"
+    fam = FAMILIES["inorder"]
+    bars = ("a", "b") if flavour == "ended" else ("a",)
+
+    base = base_seed("eviction", flavour, action)
+    victims = []
+    for i in range(EVICTION_VICTIMS):
+        seed = base + i
+        rng = random.Random(seed)
+        gen = ClientGen(rng, EVICTION_LIMIT, honest=i % 2 == 0)
+        first = []
+        gen.fill(first)
+        ops = first + gen.ops(rng.randint(4, 20))
+        stream = render(ops)
+        run = TcpRun(dp, stream, fam, rng, "198.18.200.%d" % (i + 2), 30000 + i, seed % 2**32)
+        run.syn()
+        run.advance(until=len(render(first)))
+        victims.append((seed, ops, stream, run))
+
+    for packet in churn_packets(flavour, count, per_conn, dp.port):
+        verdict, _out = dp.run(packet)
+        assert verdict == TC_ACT_OK
+
+    reports = []
+    for seed, ops, stream, run in victims:
+        run.advance()
+        run.close()
+        failures = judge(run, stream, EVICTION_LIMIT, action, None, dp, bars)
+        if failures:
+            reports.append(describe(seed, fam, ops, run, failures))
+    assert not reports, "%d of %d long-lived connections failed after %d %s connections:\n%s" % (
+        len(reports),
+        len(victims),
+        count,
+        flavour,
+        "\n\n".join(reports[:3]),
+    )
