@@ -110,8 +110,32 @@ class ClientGen:
         return out
 
 
+def _table(fields):
+    raw = b"".join(
+        amqp.shortstr(k.decode()) + b"S" + struct.pack(">I", len(v)) + v for k, v in fields
+    )
+    return struct.pack(">I", len(raw)) + raw
+
+
+# What a client sends after the protocol header, before any channel: connection.start-ok
+# (its properties table makes it a few hundred octets), tune-ok and connection.open.
+HANDSHAKE = (
+    amqp.method(
+        0,
+        (10, 11),
+        _table([(b"product", b"rabbitguard-harness"), (b"platform", b"Python " + b"x" * 150)])
+        + amqp.shortstr("PLAIN")
+        + struct.pack(">I", 12)
+        + b"\x00guest\x00guest"
+        + amqp.shortstr("en_US"),
+    )
+    + amqp.method(0, (10, 31), struct.pack(">HIH", 2047, FRAME_MAX, 60))
+    + amqp.method(0, (10, 40), amqp.shortstr("/") + amqp.shortstr("") + b"\x00")
+)
+
+
 def render(ops):
-    out = [amqp.PROTOCOL_HEADER]
+    out = [amqp.PROTOCOL_HEADER, HANDSHAKE]
     for name, arg in ops:
         if name == "publish":
             ch, size, lookalike = arg
@@ -195,8 +219,9 @@ class Family:
         loss=0.0,
         control=False,
         cut_header=False,
+        send_while_stalled=True,
     ):
-        self.cut_header = cut_header
+        self.cut_header, self.send_while_stalled = cut_header, send_while_stalled
         self.name, self.mss, self.flight, self.retx = name, mss, flight, retx
         self.spurious, self.reorder, self.loss, self.control = spurious, reorder, loss, control
 
@@ -212,9 +237,9 @@ def _mss_cuts(rng):
 FAMILIES = {
     f.name: f
     for f in (
-        Family("inorder", _mss_real),
-        Family("cuts", _mss_cuts),
-        Family("cuts_protocol_header", _mss_cuts, cut_header=True),
+        Family("inorder", _mss_real, send_while_stalled=False),
+        Family("cuts", _mss_cuts, send_while_stalled=False),
+        Family("cuts_protocol_header", _mss_cuts, cut_header=True, send_while_stalled=False),
         Family("retx_after_later", _mss_cuts, flight=(2, 6)),
         Family(
             "retx_partial_coalesced",
@@ -279,9 +304,9 @@ class TcpRun:
 
     def _cut(self, start, limit_end):
         end = start + self.family.mss(self.rng)
-        if not self.family.cut_header:
-            # Client libraries write the protocol header in one go: it leaves whole.
-            end = max(end, len(amqp.PROTOCOL_HEADER))
+        if start == 0 and not self.family.cut_header:
+            # A client sends the protocol header alone, then waits for connection.start.
+            end = len(amqp.PROTOCOL_HEADER)
         return start, min(limit_end, end)
 
     def _retransmission(self):
@@ -337,7 +362,9 @@ class TcpRun:
                 end = min(len(self.stream), start + fam.mss(rng))
                 flight.append(("spurious", start, end))
                 self.snd_nxt = max(self.snd_nxt, end)
-            for _ in range(rng.randint(*fam.flight)):
+            # Without send_while_stalled the client stops and waits for the missing segment.
+            stop = flight and not fam.send_while_stalled
+            for _ in range(0 if stop else rng.randint(*fam.flight)):
                 if self.snd_nxt >= until or self.snd_nxt >= una + WINDOW:
                     break
                 start, end = self._cut(self.snd_nxt, until)
