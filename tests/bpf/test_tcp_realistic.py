@@ -41,7 +41,7 @@ from tests.lib.tcp_harness import (
 
 pytestmark = pytest.mark.bpf
 
-STREAMS = int(os.environ.get("RG_TCP_STREAMS", "250"))
+STREAMS = int(os.environ.get("RG_TCP_STREAMS", "500"))
 SEED = int(os.environ.get("RG_TCP_SEED", "0"))
 VARIANTS = {
     "drop": dict(limit=3, action="drop"),
@@ -153,7 +153,12 @@ def minimal_report(dp, fam, limit, action, seed, ops, failures, bars):
 # -- more connections than the maps hold -----------------------------------------------------
 EVICTION_LIMIT = 4
 EVICTION_VICTIMS = int(os.environ.get("RG_TCP_VICTIMS", "24"))
-EVICTION_KNOWN = {}
+_CHURN = (
+    "issue 7: channel entries of ended connections are never deleted, so under churn the"
+    " channels LRU evicts the entries of long-lived, idle consumers and their later cancels"
+    " and closes are lost: honest clients refused"
+)
+EVICTION_KNOWN = {("ended", "drop"): _CHURN, ("ended", "reset"): _CHURN}
 _churn_cache = {}
 
 
@@ -184,8 +189,9 @@ def churn_packets(flavour, count, per_conn, port):
 
 
 def eviction_cases():
+    # Not monitor: it refuses nothing, so it has nothing to show here.
     for flavour in ("ended", "live"):
-        for action in VARIANTS:
+        for action in ("drop", "reset"):
             marks = ()
             if (flavour, action) in EVICTION_KNOWN:
                 marks = pytest.mark.xfail(strict=True, reason=EVICTION_KNOWN[flavour, action])
