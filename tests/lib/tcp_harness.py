@@ -206,6 +206,12 @@ class Family:
     mss: callable(rng) -> segment size; flight: segments sent per round; retx: shapes of
     retransmission; spurious: chance of resending already delivered bytes; reorder,
     loss: network effects before the classifier; control: injected RST/SYN/FIN.
+    cut_header: the 8-octet protocol header may be cut, or coalesced with what follows
+    (elsewhere it is the first segment, alone, as a client sends it before it waits for
+    connection.start). send_while_stalled: new segments go out while an earlier one waits
+    for retransmission (without it the client stops and waits: the in-order baselines).
+    pickup: the classifier first sees the connection at a frame boundary mid-stream (it
+    predates the limiter, or its entry was evicted); the bars apply to what it saw.
     """
 
     def __init__(
@@ -220,8 +226,10 @@ class Family:
         control=False,
         cut_header=False,
         send_while_stalled=True,
+        pickup=False,
     ):
         self.cut_header, self.send_while_stalled = cut_header, send_while_stalled
+        self.pickup = pickup
         self.name, self.mss, self.flight, self.retx = name, mss, flight, retx
         self.spurious, self.reorder, self.loss, self.control = spurious, reorder, loss, control
 
@@ -251,6 +259,7 @@ FAMILIES = {
         Family("reorder", _mss_cuts, flight=(2, 8), retx=("exact", "coalesced"), reorder=True),
         Family("loss", _mss_cuts, flight=(1, 6), retx=("exact", "partial", "coalesced"), loss=0.2),
         Family("control", _mss_cuts, flight=(1, 4), control=True),
+        Family("pickup", _mss_real, flight=(1, 4), pickup=True),
     )
 }
 
@@ -259,12 +268,15 @@ FAMILIES = {
 class TcpRun:
     """One connection: the client's TCP sending ``stream`` through ``dp`` to a broker."""
 
-    def __init__(self, dp, stream, family, rng, client, client_port, isn):
+    def __init__(self, dp, stream, family, rng, client, client_port, isn, start=0):
+        """start: where the classifier first sees the connection (0: from its SYN on; else
+        a frame boundary: the broker already has the bytes before it)."""
         self.dp, self.stream, self.family, self.rng = dp, stream, family, rng
         self.client, self.client_port, self.isn = client, client_port, isn
         self.broker_addr = "fd00::1" if ":" in client else "198.18.0.1"
         self.broker = BrokerTcp(len(stream))
-        self.snd_nxt = 0
+        self.start = self.snd_nxt = self.broker.rcv_nxt = start
+        self.broker.have[:start] = b"\x01" * start
         self.sent_ends = {}  # segment start -> end, as first sent
         self.trace = []  # (what, offset, length, flags, outcome)
         self.refusals = 0  # segments dropped or turned into a RST by the classifier
@@ -454,9 +466,13 @@ def run_stream(dp, family, limit, action, seed, index, ops=None, bars=("a", "b",
     # Every fourth stream IPv6; an ISN near the wrap-around in half of them.
     client, port = endpoint(index, rng.random() < 0.25)
     isn = rng.choice((rng.randint(0, 2**32 - 1), 2**32 - rng.randint(1, 200)))
+    start = 0
+    if family.pickup:
+        start = len(render(ops[: rng.randint(0, len(ops))]))
     before = dp.counters() if action == "monitor" else None
-    run = TcpRun(dp, stream, family, rng, client, port, isn)
-    run.syn()
+    run = TcpRun(dp, stream, family, rng, client, port, isn, start)
+    if not start:
+        run.syn()
     run.advance()
     run.close()
     return judge(run, stream, limit, action, before, dp, bars), run, ops
@@ -476,13 +492,16 @@ def judge(run, stream, limit, action, counters_before, dp, bars=("a", "b", "coun
                 "(a) honest stream not delivered: %d of %d bytes%s"
                 % (run.broker.rcv_nxt, len(stream), ", reset" if run.broker.reset else "")
             )
+    # What the classifier can know of: the stream from where it first saw it. Consumers
+    # from before that are the broker's, not the limiter's (an honest stream is honest here).
+    seen = stream if not run.start else amqp.PROTOCOL_HEADER + stream[run.start :]
     if "b" in bars and action != "monitor":
-        over = over_limit(run.delivered, limit)
+        over = over_limit(seen[: len(seen) - len(stream) + run.broker.rcv_nxt], limit)
         if over:
             failures.append("(b) the broker received %d consumes over the limit" % over)
     if "counts" in bars and action == "monitor" and counters_before is not None:
         after = dp.counters()
-        want = model_counts(stream, limit)
+        want = model_counts(seen, limit)
         got = {
             name: after[name] - counters_before[name]
             for name in ("consumes_allowed", "consumes_refused", "cancels", "channel_closes")
