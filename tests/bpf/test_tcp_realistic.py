@@ -10,11 +10,19 @@ RG_TCP_STREAMS; more by hand), each from its own seed, half of them honest:
       (the reference model on the delivered stream), with `drop` and `reset`;
   counts: with `monitor`, the counters equal the model's on the client's stream.
 
-Reordering and loss before the classifier open gaps in what it sees. Without strict mode
-the product promises (a) there, not (b): they are asserted on (a) alone.
+Families: inorder (stop and wait, real MSS), cuts (anywhere after the protocol header),
+cuts_protocol_header, retx_after_later (new segments while a refused one waits),
+retx_partial_coalesced (and spurious resends of delivered bytes), reorder (adjacent swaps,
+reversed windows of 4), loss (before the classifier), control (injected RST/SYN/FIN in and
+out of the window), pickup (first seen mid-stream); and eviction, in its own test.
 
-A failure prints the seed, the smallest failing list of client operations (shrunk), and
-the segments with the classifier's verdicts; RG_TCP_SEED shifts every seed, to explore.
+Reordering and loss before the classifier open gaps in what it sees. Without strict mode
+the product promises (a) there, not (b): they are asserted on (a) alone. When strict mode
+exists, its variants should assert (b) on them too.
+
+A failure prints the seed, the smallest failing list of client operations (shrunk), the
+segments with the classifier's verdicts, and how to replay the seed (RG_TCP_ONLY_SEED);
+RG_TCP_SEED shifts every seed, to explore.
 """
 
 import math
