@@ -82,46 +82,19 @@ _HEADER_CUT = (
     " (or coalesced with later frames) leaves the connection untracked until a segment"
     " happens to start on a frame"
 )
-_RETX_AFTER_LATER = (
-    "issue 7: with drop, once a later segment has been seen, a retransmission of the"
-    " refused consume passes"
-)
 _LOOKALIKE = (
     "issue 7: after a gap (reordering, loss before us) a body segment that looks like a"
     " frame is taken as one, and an out-of-order basic.cancel is skipped: honest clients"
     " refused"
 )
-_CONTROL = (
-    "issue 7: a RST, SYN or FIN at any sequence number, even one the broker's TCP ignores"
-    " (RFC 5961), makes the limiter forget the connection and start from zero"
-)
 KNOWN = {
     ("cuts_protocol_header", "drop"): _HEADER_CUT,
     ("cuts_protocol_header", "reset"): _HEADER_CUT,
     ("cuts_protocol_header", "monitor"): _HEADER_CUT,
-    ("retx_after_later", "drop"): _RETX_AFTER_LATER,
-    ("retx_partial_coalesced", "drop"): _RETX_AFTER_LATER,
-    ("retx_partial_coalesced", "reset"): (
-        "issue 7: with reset, the RST made of a refused segment the broker's TCP ignores"
-        " (here a coalesced retransmission starting behind rcv_nxt; the listed case is one"
-        " ahead of a gap) marks the connection ended, and everything after it passes"
-    ),
-    ("retx_partial_coalesced", "monitor"): (
-        "issue 7: a partial retransmission that ends inside a header being assembled"
-        " shrinks the saved header bytes and the next segment passes unparsed"
-    ),
     ("reorder", "drop"): _LOOKALIKE,
     ("reorder", "reset"): _LOOKALIKE,
     ("loss", "drop"): _LOOKALIKE,
     ("loss", "reset"): _LOOKALIKE,
-    ("control", "drop"): _CONTROL,
-    ("control", "reset"): _CONTROL,
-    ("control", "monitor"): _CONTROL,
-    ("pickup", "drop"): (
-        "issue 7: a refusal in the first segment seen of a connection (one that predates the"
-        " limiter, or was evicted) leaves the stream position unset, and depending on the"
-        " initial sequence number its retransmission and every later segment pass unwalked"
-    ),
 }
 
 
