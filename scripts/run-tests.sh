@@ -93,6 +93,10 @@ run_lint() { # run_lint NAME COMMAND...
 # shellcheck disable=SC2317  # called through run_lint
 ansible_test_sanity() {
     local bindir=${1:-${VENV}/bin} tmp rc=0 pyver
+    if [[ ! -x ${bindir}/ansible-test ]]; then
+        log "ERROR: ${bindir}/ansible-test is missing: run 'sudo scripts/setup-host.sh' first"
+        return 1
+    fi
     tmp="$(mktemp -d /tmp/rabbitguard-sanity.XXXXXX)"
     pyver="$("${bindir}/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     # Away from the repository's ansible.cfg, whose collections_path already holds the
