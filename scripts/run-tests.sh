@@ -143,6 +143,7 @@ if skip_step RUN_TESTS_SKIP_LINT; then
 else
     run_lint ruff ruff check "${REPO}"
     run_lint ruff-format ruff format --check "${REPO}"
+    run_lint mypy mypy  # plugins/module_utils, as [tool.mypy] in pyproject.toml says
     run_lint yamllint yamllint --strict "${REPO}"
     mapfile -t shell_files < <(
         find scripts .ci -maxdepth 2 -type f \( -name '*.sh' -o -path '.ci/run' \) 2>/dev/null | sort

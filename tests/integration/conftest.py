@@ -35,7 +35,7 @@ def lab_hosts():
 
     RG_IT_KEEP_LAB=1 (for working on the tests) reuses a running lab of these settings and
     leaves it up afterwards; ``RG_LAB_PREFIX=rgi RG_LAB_SUBNET=240
-    RG_LAB_PRIVATE_DIRS=/run/lock lab/lab.py down`` removes it.
+    RG_LAB_PRIVATE_DIRS=/run/rabbitguard lab/lab.py down`` removes it.
     """
     log = _Log()
     keep = os.environ.get("RG_IT_KEEP_LAB", "") not in ("", "0")
