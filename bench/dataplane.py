@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import os
 import statistics
+import struct
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +80,21 @@ class Limiter:
         self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
 
     def prepare(self, header_at, consumers):
-        state = _layout.ConnState(
-            epoch=1, next_hdr=SEQ + header_at, consumers=consumers, synced=1, after_frame=1
-        )
-        _bpfsys.map_update(self.dp.map_fds["conns"], self.key, bytes(state))
+        fd = self.dp.map_fds["conns"]
+        if _bpfsys.map_info(fd)["value_size"] == 40:  # layout 1 (before rcv_nxt), for --before
+            raw = struct.pack("<QIIIBBBB11s5x", 1, SEQ + header_at, consumers, 0, 1, 0, 1, 0, b"")
+        else:
+            raw = bytes(
+                _layout.ConnState(
+                    epoch=1,
+                    next_hdr=SEQ + header_at,
+                    consumers=consumers,
+                    rcv_nxt=SEQ,
+                    synced=1,
+                    after_frame=1,
+                )
+            )
+        _bpfsys.map_update(fd, self.key, raw)
 
     def fd(self):
         return self.dp.function.fd
@@ -96,14 +108,13 @@ class Baseline:
 
     def __init__(self):
         with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
-            self.bpf = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
+            self.bpf = BPF(text=f.read().encode())
         self.fds = {
             name: self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
             for name in ("noop", "naive_limiter")
         }
         table = self.bpf[b"naive_consumers"]
         import socket
-        import struct
 
         key = table.Key(
             struct.unpack("I", socket.inet_aton(CLIENT))[0],

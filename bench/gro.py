@@ -121,7 +121,7 @@ def main():
         stats_before = f.read().strip()
     ours = Dataplane(limit=3, action="drop")
     with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
-        base = BPF(text=f.read().encode(), cflags=["-Wno-macro-redefined"])
+        base = BPF(text=f.read().encode())
     programs = [
         ("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd),
         ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd),

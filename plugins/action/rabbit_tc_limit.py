@@ -36,8 +36,8 @@ class ActionModule(ActionBase):
         try:
             with open(path) as handle:
                 module_args["_template"] = handle.read()
-        except (IOError, OSError) as e:
-            raise AnsibleActionFail("reading the classifier template %s: %s" % (path, e))
+        except OSError as e:
+            raise AnsibleActionFail("reading the classifier template %s: %s" % (path, e)) from e
         result.update(
             self._execute_module(
                 module_name="rabbitguard.limiter.rabbit_tc_limit",

@@ -11,14 +11,16 @@ fd hands ownership to the caller: wrap it in ``owned_fd()`` or call ``close()``.
 Failures raise LimiterError; ``err.context['errno']`` keeps the errno.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
 import ctypes
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from ._errors import LimiterError
 
@@ -167,7 +169,7 @@ class _Statfs(ctypes.Structure):
 _libc = None
 
 
-def _get_libc():
+def _get_libc() -> Any:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -175,7 +177,7 @@ def _get_libc():
     return _libc
 
 
-def _bpf(cmd, attr, what, tolerate=()):
+def _bpf(cmd: int, attr: Any, what: str, tolerate: tuple[int, ...] = ()) -> int:
     """Run one bpf(2) command; returns its result, or -errno for errnos in tolerate."""
     machine = os.uname()[4]
     if machine not in _NR_BPF:
@@ -198,22 +200,22 @@ def _bpf(cmd, attr, what, tolerate=()):
     return ret
 
 
-def _addr(obj):
+def _addr(obj: Any) -> int:
     return ctypes.addressof(obj)
 
 
-def _cstr(raw):
+def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def close(fd):
+def close(fd: int | None) -> None:
     """Close an fd returned by this module; None is ignored."""
     if fd is not None:
         os.close(fd)
 
 
 @contextmanager
-def owned_fd(fd):
+def owned_fd(fd: int) -> Iterator[int]:
     """``with owned_fd(obj_get(path)) as fd:`` closes fd on the way out."""
     try:
         yield fd
@@ -224,21 +226,21 @@ def owned_fd(fd):
 # -- pinned objects ----------------------------------------------------------
 
 
-def obj_get(path):
+def obj_get(path: str) -> int:
     """Open the program or map pinned at path; returns a new fd."""
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = _ObjAttr(pathname=_addr(cpath))
     return _bpf(BPF_OBJ_GET, attr, "opening pinned BPF object %s" % path)
 
 
-def obj_pin(fd, path):
+def obj_pin(fd: int, path: str) -> None:
     """Pin the program or map behind fd at path (a new name on a bpffs)."""
     cpath = ctypes.create_string_buffer(os.fsencode(path))
     attr = _ObjAttr(pathname=_addr(cpath), bpf_fd=fd)
     _bpf(BPF_OBJ_PIN, attr, "pinning BPF object fd %d at %s" % (fd, path))
 
 
-def is_bpffs(path):
+def is_bpffs(path: str) -> bool:
     """True if path is on a BPF filesystem; False if it is not or does not exist."""
     buf = _Statfs()
     if _get_libc().statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
@@ -254,13 +256,13 @@ def is_bpffs(path):
 # -- programs ----------------------------------------------------------------
 
 
-def _get_info(fd, info, what):
+def _get_info(fd: int, info: Any, what: str) -> Any:
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
     return info
 
 
-def prog_info(fd):
+def prog_info(fd: int) -> dict[str, Any]:
     """dict(id, tag (16 hex digits, as bpftool and tc show it), name, type, map_ids,
     run_time_ns and run_cnt (counted while sysctl kernel.bpf_stats_enabled is 1),
     verified_insns)."""
@@ -284,13 +286,15 @@ def prog_info(fd):
     }
 
 
-def prog_get_fd_by_id(prog_id):
+def prog_get_fd_by_id(prog_id: int) -> int:
     """Open the loaded program with this id; returns a new fd."""
     attr = _GetIdAttr(id=prog_id)
     return _bpf(BPF_PROG_GET_FD_BY_ID, attr, "opening BPF program id %d" % prog_id)
 
 
-def prog_test_run(prog_fd, data, repeat=1, data_out_size=None):
+def prog_test_run(
+    prog_fd: int, data: bytes, repeat: int = 1, data_out_size: int | None = None
+) -> tuple[int, int, bytes]:
     """Run the program on one packet (BPF_PROG_TEST_RUN).
 
     Returns (retval, duration_ns per run, data_out bytes). A SCHED_CLS program
@@ -318,7 +322,7 @@ def prog_test_run(prog_fd, data, repeat=1, data_out_size=None):
 # -- maps --------------------------------------------------------------------
 
 
-def map_info(fd):
+def map_info(fd: int) -> dict[str, Any]:
     """dict(id, type, key_size, value_size, max_entries, flags, name)."""
     info = _get_info(fd, _MapInfo(), "reading info of BPF map fd %d" % fd)
     return {
@@ -332,7 +336,7 @@ def map_info(fd):
     }
 
 
-def map_get_fd_by_id(map_id):
+def map_get_fd_by_id(map_id: int) -> int:
     """Open the map with this id (e.g. from prog_info()['map_ids']); returns a new fd."""
     attr = _GetIdAttr(id=map_id)
     return _bpf(BPF_MAP_GET_FD_BY_ID, attr, "opening BPF map id %d" % map_id)
@@ -345,14 +349,20 @@ def map_get_fd_by_id(map_id):
 _PERCPU_MAP_TYPES = (5, 6, 10, 21)
 
 
-def _value_bytes(info):
+def _value_bytes(info: dict[str, Any]) -> int:
     """Bytes per element: value_size, or one 8-byte-aligned slot per possible CPU."""
     if info["type"] in _PERCPU_MAP_TYPES:
         return ((info["value_size"] + 7) & ~7) * possible_cpus()
     return info["value_size"]
 
 
-def _checked(fd, what, key_size=None, value_size=None, percpu=None):
+def _checked(
+    fd: int,
+    what: str,
+    key_size: int | None = None,
+    value_size: int | None = None,
+    percpu: bool | None = None,
+) -> dict[str, Any]:
     info = map_info(fd)
     name = "BPF map %s (fd %d)" % (info["name"], fd)
     is_percpu = info["type"] in _PERCPU_MAP_TYPES
@@ -375,7 +385,7 @@ def _checked(fd, what, key_size=None, value_size=None, percpu=None):
     return info
 
 
-def _lookup(fd, key, size, what):
+def _lookup(fd: int, key: bytes, size: int, what: str) -> bytes | None:
     kbuf = ctypes.create_string_buffer(bytes(key), len(key))
     vbuf = ctypes.create_string_buffer(size)
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf))
@@ -383,7 +393,7 @@ def _lookup(fd, key, size, what):
     return None if ret < 0 else vbuf.raw
 
 
-def map_lookup(fd, key, value_size=None):
+def map_lookup(fd: int, key: bytes, value_size: int | None = None) -> bytes | None:
     """The value (bytes) stored under key, or None if the key is absent.
     value_size, if given, must be the map's (a check on the caller's layout)."""
     what = "looking up key %s in" % bytes(key).hex()
@@ -391,7 +401,7 @@ def map_lookup(fd, key, value_size=None):
     return _lookup(fd, key, info["value_size"], "%s BPF map fd %d" % (what, fd))
 
 
-def map_lookup_percpu(fd, key, value_size=None):
+def map_lookup_percpu(fd: int, key: bytes, value_size: int | None = None) -> list[bytes] | None:
     """Per-CPU map lookup: a list with one value (bytes) per possible CPU, or None.
     The kernel hands back one slot per CPU, each rounded up to 8 bytes."""
     what = "looking up key %s in" % bytes(key).hex()
@@ -404,7 +414,7 @@ def map_lookup_percpu(fd, key, value_size=None):
     return [raw[i * slot : i * slot + size] for i in range(len(raw) // slot)]
 
 
-def map_update(fd, key, value, flags=BPF_ANY):
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     """Store value under key (flags: BPF_ANY, BPF_NOEXIST, BPF_EXIST). For a per-CPU
     map, value holds every CPU's slot (value_size rounded up to 8) back to back."""
     what = "updating key %s in" % bytes(key).hex()
@@ -420,7 +430,7 @@ def map_update(fd, key, value, flags=BPF_ANY):
     _bpf(BPF_MAP_UPDATE_ELEM, attr, "%s BPF map fd %d" % (what, fd))
 
 
-def map_delete(fd, key):
+def map_delete(fd: int, key: bytes) -> bool:
     """Delete key; False if it was not there."""
     what = "deleting key %s in" % bytes(key).hex()
     _checked(fd, what, len(key))
@@ -430,7 +440,7 @@ def map_delete(fd, key):
     return ret == 0
 
 
-def _next_key(fd, key, key_size):
+def _next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     kbuf = None if key is None else ctypes.create_string_buffer(bytes(key), key_size)
     nbuf = ctypes.create_string_buffer(key_size)
     attr = _MapElemAttr(map_fd=fd, key=_addr(kbuf) if kbuf is not None else 0, value=_addr(nbuf))
@@ -440,7 +450,7 @@ def _next_key(fd, key, key_size):
     return None if ret < 0 else nbuf.raw
 
 
-def map_get_next_key(fd, key, key_size):
+def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     """The key after key (None: the first key), or None at the end of the map."""
     _checked(fd, "iterating keys of", key_size)
     if key is not None and len(key) != key_size:
@@ -450,7 +460,7 @@ def map_get_next_key(fd, key, key_size):
     return _next_key(fd, key, key_size)
 
 
-def map_keys(fd, key_size):
+def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
     """Iterate over the keys of a map (a snapshot is not guaranteed under updates)."""
     _checked(fd, "iterating keys of", key_size)
     key = _next_key(fd, None, key_size)
@@ -459,13 +469,13 @@ def map_keys(fd, key_size):
         key = _next_key(fd, key, key_size)
 
 
-def possible_cpus(path=POSSIBLE_CPUS_PATH):
+def possible_cpus(path: str = POSSIBLE_CPUS_PATH) -> int:
     """Number of possible CPUs, from a list such as '0-3' or '0,2-5'."""
     try:
         with open(path) as f:
             text = f.read().strip()
     except OSError as e:
-        raise LimiterError("reading possible CPUs from %s: %s" % (path, e))
+        raise LimiterError("reading possible CPUs from %s: %s" % (path, e)) from e
     count = 0
     for part in text.split(","):
         lo, _sep, hi = part.partition("-")

@@ -7,41 +7,41 @@ BCC creates the pinned maps the source declares (BPF_TABLE_PINNED) or reuses the
 already pinned at the same paths, which is how a reload keeps connection state.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
 import os
+from typing import Any
 
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
-# asm/frame.h (pulled in by kernel headers) defines FRAME_END too; ours wins, silently.
-_CFLAGS = ["-Wno-macro-redefined"]
+_CFLAGS: list[str] = []
 
 
-def compile_and_load(source, pin_dir):
+def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
     """Return (bpf, function): keep `bpf` alive as long as the fd is needed."""
     try:
         from bcc import BPF
     except ImportError as e:
-        raise LimiterError("importing BCC (python3-bpfcc / python3-bcc): %s" % e)
+        raise LimiterError("importing BCC (python3-bpfcc / python3-bcc): %s" % e) from e
     try:
         os.makedirs(pin_dir, 0o700)
-    except OSError:
+    except OSError as e:
         if not os.path.isdir(pin_dir):
-            raise LimiterError("creating pin directory %s" % pin_dir)
+            raise LimiterError("creating pin directory %s: %s" % (pin_dir, e.strerror)) from e
     try:
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
         raise LimiterError(
             "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
-        )
+        ) from e
     return bpf, function
 
 
-def compile_isolated(source, pin_dir):
+def compile_isolated(source: str, pin_dir: str) -> int:
     """Compile and load in a child process; return the program fd (caller closes it).
 
     BCC writes compiler diagnostics to stdout (which would corrupt a module's JSON
@@ -91,7 +91,7 @@ def compile_isolated(source, pin_dir):
     )
 
 
-def _first_error(output):
+def _first_error(output: str) -> str:
     """The line of compiler or verifier output that says what went wrong."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for marker in ("rabbitguard: ", "error:", "Unable to find kernel headers", "bpf: "):

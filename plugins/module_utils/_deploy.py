@@ -1,284 +1,188 @@
 # -*- coding: utf-8 -*-
 # Copyright: rabbitguard.limiter contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Deploy, observe and remove the limiter on a host: the pinned maps are the truth.
+"""The one apply path of the module and the boot program: pick the interfaces, desire,
+observe, plan, check what acting needs, act, and report what happened.
 
-Layout under the pin root (default /sys/fs/bpf/rabbitguard):
-    v<LAYOUT_VERSION>/<namespace key>/<interface>/{conns,channels,counters,config}
-The namespace key is "host", "netns-<name>" for a named network namespace, or
-"ns-<inode>" for one given by path (/proc/PID/ns/net). The config map records what is
-deployed (with the digest of the rendered source); the tc filter's name carries the
-same digest, so the state check needs no compiler.
+    result = apply(params, template, check_mode=module.check_mode)
+    result.changed, result.interfaces(), result.diff()
+
+Everything that touches the system goes through _tc (netlink), _pins (the pinned maps),
+_host (bpffs, headers, the lock) and _compile (BCC); the decisions are _plan's.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
-import ctypes
-import errno
-import fcntl
 import os
-import re
-import string
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, cast
 
-from . import _bpfsys, _compile, _layout, _plan, _render, _tc
+from . import _bpfsys, _compile, _constants, _host, _layout, _names, _pins, _plan, _render, _tc
 from ._errors import LimiterError
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/rabbitguard"
-# Our slot on the clsact ingress hook: a fixed pref and handle, so a replace swaps our
-# filter in place and never adds a second one.
-FILTER_PREF = 49152
-FILTER_HANDLE = 0x5247
-LOCK_PATH = "/run/lock/rabbitguard-limiter.lock"
-HOST_KEY = "host"
-ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-_NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:+-]+$")
-_PLAIN = frozenset(string.ascii_letters + string.digits + "_-")
+# typing.Dict: these aliases are evaluated at import, on managed hosts' Python 3.8 too.
+Params = Dict[str, Any]
+Observation = Dict[str, Any]
+Desired = Dict[str, Any]
+
+# The actions that compile and attach a program.
+BUILDS = (_plan.CREATE, _plan.REPLACE, _plan.REPAIR)
 
 
-# -- names and paths --------------------------------------------------------------------
+# -- the result ------------------------------------------------------------------------------
 
 
-def path_component(name):
-    """A name as a bpffs directory name: bpffs refuses dots (eth0.100, a VLAN), so every
-    byte but letters, digits, '_' and '-' is %-escaped, reversibly."""
-    return "".join(
-        chr(b) if chr(b) in _PLAIN else "%%%02x" % b for b in bytearray(name.encode("utf-8"))
-    )
+@dataclass
+class Outcome:
+    """What was found and done on one interface."""
 
+    namespace: str
+    interface: str
+    action: str
+    reason: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    program_id: int | None = None
+    compiled: bool = False
+    pin_dir: str | None = None
 
-def from_path_component(component):
-    out, i = bytearray(), 0
-    while i < len(component):
-        if component[i] == "%":
-            out.append(int(component[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(component[i]))
-            i += 1
-    return out.decode("utf-8")
+    @property
+    def label(self) -> str:
+        return "%s/%s" % (self.namespace, self.interface)
 
-
-def namespace_key(netns):
-    """The directory name that identifies a network namespace under the pin root."""
-    if netns is None:
-        return HOST_KEY
-    if "/" not in netns:
-        if not _NETNS_NAME_RE.match(netns):
-            raise LimiterError("netns %r: a name may hold letters, digits and ._@:+- only" % netns)
-        return "netns-" + path_component(netns)
-    try:
-        return "ns-%d" % os.stat(netns).st_ino
-    except OSError as e:
-        raise LimiterError("netns %s: %s" % (netns, e.strerror))
-
-
-def resolve_namespace(key):
-    """(found, netns argument) for a namespace key read back from the pins."""
-    if key == HOST_KEY:
-        return True, None
-    if key.startswith("netns-"):
-        name = from_path_component(key.partition("-")[2])
-        return os.path.exists(os.path.join("/run/netns", name)), name
-    if key.startswith("ns-"):
-        inode = int(key.partition("-")[2])
-        candidates = [os.path.join("/run/netns", n) for n in _listdir("/run/netns")]
-        candidates += ["/proc/%s/ns/net" % p for p in _listdir("/proc") if p.isdigit()]
-        for path in candidates:
-            try:
-                if os.stat(path).st_ino == inode:
-                    return True, path
-            except OSError:
-                continue
-    return False, None
-
-
-def layout_root(pin_root):
-    return os.path.join(pin_root, "v%d" % _layout.LAYOUT_VERSION)
-
-
-def pin_dir(pin_root, ns_key, ifname):
-    return os.path.join(layout_root(pin_root), ns_key, path_component(ifname))
-
-
-def pinned_namespaces(pin_root):
-    return sorted(_listdir(layout_root(pin_root)))
-
-
-def pinned_interfaces(pin_root, ns_key):
-    return sorted(
-        from_path_component(name) for name in _listdir(os.path.join(layout_root(pin_root), ns_key))
-    )
-
-
-def _listdir(path):
-    try:
-        return os.listdir(path)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return []
-        raise LimiterError("listing %s: %s" % (path, e.strerror))
-
-
-# -- host checks and the lock -------------------------------------------------------------
-
-
-def check_bpffs():
-    if not _bpfsys.is_bpffs(_render.BPFFS_ROOT):
-        raise LimiterError(
-            "bpffs is not mounted at %s: mount it with 'mount -t bpf bpf %s' "
-            "(the rabbitguard.limiter.tc_limiter role does this persistently)"
-            % (_render.BPFFS_ROOT, _render.BPFFS_ROOT)
-        )
-
-
-def check_kernel_headers(kernel_headers):
-    """BCC compiles against a kernel tree; say how to get one when there is none."""
-    release = os.uname()[2]
-    tree = kernel_headers or "/lib/modules/%s/build" % release
-    # Debian splits a tree in two (build -> ...-amd64, source -> ...-common); BCC reads both.
-    candidates = [tree] if kernel_headers else [tree, "/lib/modules/%s/source" % release]
-    if any(os.path.isfile(os.path.join(t, "include", "linux", "kconfig.h")) for t in candidates):
-        return tree
-    raise LimiterError(
-        "no kernel headers at %s: install linux-headers-%s (Debian/Ubuntu) or "
-        "kernel-devel-%s (RHEL family), or point kernel_headers at a kernel build tree"
-        % (tree, release, release)
-    )
-
-
-@contextmanager
-def host_lock(timeout):
-    """Serialise runs on one host: a second run waits, never interleaves."""
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except (IOError, OSError) as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.time() >= deadline:
-                    raise LimiterError(
-                        "another rabbit_tc_limit run holds %s; waited %d s "
-                        "(raise lock_timeout to wait longer)" % (LOCK_PATH, timeout)
-                    )
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-# -- reading what is deployed ---------------------------------------------------------------
-
-
-def _read_map(pin, name, key, value_type, percpu=False):
-    path = os.path.join(pin, name)
-    with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
-        if percpu:
-            return _bpfsys.map_lookup_percpu(fd, key, ctypes.sizeof(value_type))
-        return _bpfsys.map_lookup(fd, key, ctypes.sizeof(value_type))
-
-
-def read_config(pin):
-    """The config pinned for one interface, or None if absent or never written."""
-    if not os.path.exists(os.path.join(pin, "config")):
-        return None
-    raw = _read_map(pin, "config", b"\x00" * 4, _layout.DeployedConfig)
-    value = _layout.decode(_layout.DeployedConfig, raw) if raw else None
-    if value is None or not any(value.digest):
-        return None
-    return {
-        "port": value.port,
-        "limit": value.limit,
-        "action": _layout.ACTION_NAMES[value.action]
-        if value.action < len(_layout.ACTION_NAMES)
-        else "unknown",
-        "l2": "ethernet" if value.ethernet else "none",
-        "frame_max": value.frame_max,
-        "digest": bytes(bytearray(value.digest)).hex(),
-        "created_clsact": bool(value.flags & _layout.FLAG_CREATED_CLSACT),
-    }
-
-
-def write_config(pin, config, digest, created_clsact):
-    value = _layout.DeployedConfig(
-        port=config["port"],
-        limit=config["limit"],
-        action=_layout.ACTION_NAMES.index(config["action"]),
-        ethernet=1 if config["l2"] == "ethernet" else 0,
-        frame_max=config["frame_max"],
-        flags=_layout.FLAG_CREATED_CLSACT if created_clsact else 0,
-    )
-    value.digest[:] = list(bytearray.fromhex(digest))
-    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "config"))) as fd:
-        _bpfsys.map_update(fd, b"\x00" * 4, bytes(value))
-
-
-def pins_present(pin):
-    return all(os.path.exists(os.path.join(pin, name)) for name in _layout.MAP_NAMES)
-
-
-def our_slot(tc, ifname):
-    """The filter at our pref/handle on ifname's ingress, or None."""
-    for tc_filter in tc.list_filters(ifname):
-        if tc_filter["pref"] == FILTER_PREF and tc_filter["handle"] == FILTER_HANDLE:
-            return tc_filter
-    return None
-
-
-def interface_exists(tc, ifname):
-    return bool(tc.ipr.link_lookup(ifname=ifname))
-
-
-def l2_kind(tc, ifname):
-    """'ethernet' when tc sees an Ethernet header on ifname (loopback too), else 'none'."""
-    link = tc.ipr.get_links(tc.interface_index(ifname))[0]
-    return "ethernet" if link["ifi_type"] in (ARPHRD_ETHER, ARPHRD_LOOPBACK) else "none"
-
-
-def observe(tc, pin_root, ns_key, ifnames):
-    """{ifname: observation} for the named interfaces and every interface with pins."""
-    observed = {}
-    for ifname in sorted(set(ifnames) | set(pinned_interfaces(pin_root, ns_key))):
-        pin = pin_dir(pin_root, ns_key, ifname)
-        exists = interface_exists(tc, ifname)
-        observed[ifname] = {
-            "exists": exists,
-            "pins": pins_present(pin),
-            "pin_dir": pin,
-            "config": read_config(pin),
-            "filter": our_slot(tc, ifname) if exists else None,
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "config": self.after,
+            "program_id": self.program_id,
+            "compiled": self.compiled,
+            "pin_dir": self.pin_dir,
         }
-    return observed
 
 
-# -- desired state ------------------------------------------------------------------------
+@dataclass
+class ApplyResult:
+    """Every interface's outcome; `changed` and the diff are computed here only."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(o.action != _plan.NONE for o in self.outcomes)
+
+    def interfaces(self) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for o in self.outcomes:
+            out.setdefault(o.namespace, {})[o.interface] = o.as_dict()
+        return out
+
+    def diff(self) -> dict[str, dict[str, Any]]:
+        return {
+            "before": {o.label: o.before for o in self.outcomes},
+            "after": {o.label: o.after for o in self.outcomes},
+        }
+
+    def as_module_result(self) -> dict[str, Any]:
+        return {"changed": self.changed, "interfaces": self.interfaces()}
 
 
-def desire(tc, pin_root, ns_key, ifname, params, template):
+# -- options ---------------------------------------------------------------------------------
+
+
+def validate_options(params: Params) -> None:
+    """Option errors first: they name the option and nothing has been touched."""
+    _render.validate(
+        params["port"],
+        params["limit"],
+        params["action"],
+        "ethernet",
+        _constants.BPFFS_ROOT + "/check",
+        params["frame_max"],
+    )
+
+
+# -- observing -------------------------------------------------------------------------------
+
+
+def our_slot(tc: _tc.Tc, ifname: str) -> dict[str, Any] | None:
+    """The filter at our pref/handle on ifname's ingress, or None."""
+    return tc.find_filter(ifname, _constants.FILTER_PREF, _constants.FILTER_HANDLE)
+
+
+def l2_kind(tc: _tc.Tc, ifname: str) -> str:
+    """'ethernet' when tc sees an Ethernet header on ifname (loopback too), else 'none'."""
+    return "ethernet" if tc.has_ethernet_header(ifname) else "none"
+
+
+def observe(tc: _tc.Tc, pin_root: str, ns_key: str, ifnames: list[str]) -> dict[str, Observation]:
+    """{ifname: observation} for the named interfaces and every interface with pins."""
+    wanted = set(ifnames) | set(_pins.pinned_interfaces(pin_root, ns_key))
+    return {ifname: observe_one(tc, pin_root, ns_key, ifname) for ifname in sorted(wanted)}
+
+
+def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> Observation:
+    """One interface as found (tc None: its namespace is gone). See _plan for the fields."""
+    pin = _names.pin_dir(pin_root, ns_key, ifname)
+    exists = tc is not None and tc.interface_exists(ifname)
+    filters = tc.list_filters(ifname) if tc is not None and exists else []
+    slot = (_constants.FILTER_PREF, _constants.FILTER_HANDLE)
+    found = [f for f in filters if (f["pref"], f["handle"]) == slot]
+    pins = _pins.pins_present(pin)
+    observation = {
+        "exists": exists,
+        "pins": pins,
+        "pin_dir": pin,
+        "config": _pins.read_config(pin),
+        "filter": found[0] if found else None,
+        "shadows": [f for f in filters if f["pref"] < _constants.FILTER_PREF],
+        "maps_match": None,
+    }
+    prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
+    if pins and prog_id:
+        observation["maps_match"] = _pins.program_uses_pins(pin, prog_id)
+    return observation
+
+
+def desire(
+    tc: _tc.Tc, pin_root: str, ns_key: str, ifname: str, params: Params, template: str
+) -> tuple[str, Desired]:
     """The rendered source and desired state for one interface (validates everything)."""
     config = _render.validate(
         params["port"],
         params["limit"],
         params["action"],
         l2_kind(tc, ifname),
-        pin_dir(pin_root, ns_key, ifname),
+        _names.pin_dir(pin_root, ns_key, ifname),
         params["frame_max"],
     )
     source = _render.render(config, template)
     return source, {"config": config, "digest": _render.source_digest(source)}
 
 
+def pick_interfaces(tc: _tc.Tc, requested: list[str] | None, netns: str | None) -> list[str]:
+    """The listed interfaces (each must exist), or those of the default routes."""
+    ifnames = requested
+    if ifnames is None:
+        ifnames = tc.default_route_interfaces()
+        if not ifnames:
+            raise LimiterError(
+                "interfaces: no default route in %s to take them from; list the interfaces"
+                % (netns or "the host's namespace")
+            )
+    for ifname in ifnames:
+        tc.interface_index(ifname)  # an unknown interface fails here, untouched
+    return list(ifnames)
+
+
 # -- changing things --------------------------------------------------------------------------
 
 
-def deploy(tc, ifname, source, desired, observed):
+def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Observation) -> int:
     """Compile, attach (atomic replace) and record. Returns the new program id.
 
     Until the attach succeeds nothing the user relies on has changed: a failure before it
@@ -294,26 +198,35 @@ def deploy(tc, ifname, source, desired, observed):
         prog_fd = _compile.compile_isolated(source, pin)
         created_clsact = tc.ensure_clsact(ifname)
         _clear_foreign(tc, ifname, observed.get("filter"))
-        tc.attach(ifname, prog_fd, _plan.filter_name(digest), FILTER_PREF, FILTER_HANDLE)
+        tc.attach(
+            ifname,
+            prog_fd,
+            _plan.filter_name(digest),
+            _constants.FILTER_PREF,
+            _constants.FILTER_HANDLE,
+        )
     except Exception:
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
         if len(new_pins) == len(_layout.MAP_NAMES):
-            unpin_interface(pin)  # nothing was here: leave no directory either
+            _pins.unpin_interface(pin)  # nothing was here: leave no directory either
         else:
-            _unpin(pin, new_pins)
-        if prog_fd is not None:
-            _bpfsys.close(prog_fd)
+            _pins.unpin(pin, new_pins)
+        _bpfsys.close(prog_fd)
         raise
     try:
         previously = (observed.get("config") or {}).get("created_clsact", False)
-        write_config(pin, config, digest, created_clsact or previously)
-        return _bpfsys.prog_info(prog_fd)["id"]
+        _pins.write_config(pin, config, digest, created_clsact or previously)
+        return _program_id(prog_fd)
     finally:
         _bpfsys.close(prog_fd)
 
 
-def _clear_foreign(tc, ifname, found):
+def _program_id(prog_fd: int) -> int:
+    return int(_bpfsys.prog_info(prog_fd)["id"])
+
+
+def _clear_foreign(tc: _tc.Tc, ifname: str, found: dict[str, Any] | None) -> None:
     """Delete a foreign filter in our slot that attach cannot swap in place.
 
     The kernel keeps one classifier kind and one protocol per pref, so a replace at our
@@ -326,107 +239,203 @@ def _clear_foreign(tc, ifname, found):
         return
     if found.get("kind") == "bpf" and found.get("protocol") == _tc.ETH_P_ALL:
         return
-    try:
-        tc.ipr.tc(
-            "del-filter",
-            found["kind"],
-            tc.interface_index(ifname),
-            FILTER_HANDLE,
-            parent=_tc.TC_H_INGRESS_HOOK,
-            prio=FILTER_PREF,
-            protocol=found["protocol"],
-        )
-    except _tc._NL_ERRORS as e:
-        raise LimiterError(
-            "removing the foreign %s filter (protocol 0x%04x) at pref %d, "
-            "handle 0x%x of %s ingress: %s"
-            % (found["kind"], found["protocol"], FILTER_PREF, FILTER_HANDLE, ifname, _tc._reason(e))
-        )
+    tc.delete_filter(
+        ifname,
+        found["kind"],
+        found["protocol"],
+        _constants.FILTER_PREF,
+        _constants.FILTER_HANDLE,
+    )
 
 
-def remove(tc, ifname, observed):
+def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
     """Detach our filter, drop the clsact qdisc if we made it and it is empty, unpin."""
     if observed.get("exists"):
         if _plan.is_ours(observed.get("filter")):
-            tc.detach(ifname, FILTER_PREF, FILTER_HANDLE)
+            tc.detach(ifname, _constants.FILTER_PREF, _constants.FILTER_HANDLE)
         if (observed.get("config") or {}).get("created_clsact"):
             tc.remove_clsact_if_empty(ifname)
-    unpin_interface(observed["pin_dir"])
+    _pins.unpin_interface(observed["pin_dir"])
 
 
-def unpin_interface(pin):
-    _unpin(pin, _listdir(pin))
-    # The interface's directory, then its namespace's, the layout's and the pin root.
-    parents = [pin]
-    for _level in range(3):
-        parents.append(os.path.dirname(parents[-1]))
-    for directory in parents:
+# -- the apply path ----------------------------------------------------------------------------
+
+
+def apply(
+    params: Params,
+    template: str | None = None,
+    check_mode: bool = False,
+    wait: float = 0,
+    result: ApplyResult | None = None,
+) -> ApplyResult:
+    """Bring the host to params (rabbit_tc_limit's options) and report what was done.
+
+    wait: seconds to wait for the namespace, interfaces or default route (at boot).
+    result: filled in as interfaces are done, so a caller keeps what happened before a
+    failure.
+    """
+    result = ApplyResult() if result is None else result
+    present = params.get("state", "present") == "present"
+    # Every state: nothing outside bpffs is ever touched.
+    params = dict(params, pin_dir=_render.check_pin_dir(params["pin_dir"]))
+    if present:
+        validate_options(params)
+        if template is None:
+            raise LimiterError("the classifier template is needed to deploy")
+    _host.check_bpffs()
+    deadline = time.time() + wait
+    path = _tc.netns_path(params["netns"])
+    while path is not None and not os.path.exists(path) and time.time() < deadline:
+        time.sleep(1)  # a container's namespace may come up late
+    with _host.host_lock(params["lock_timeout"]):
+        _pins.check_tree(params["pin_dir"])
+        if present:
+            _present(params, cast(str, template), check_mode, deadline, result)
+        elif params["interfaces"] is None and params["netns"] is None:
+            for ns_key in _pins.pinned_namespaces(params["pin_dir"]):
+                _absent_namespace(params["pin_dir"], ns_key, check_mode, result)
+        else:
+            _absent(params, check_mode, result)
+    return result
+
+
+def _wait_for_interfaces(tc: _tc.Tc, params: Params, deadline: float) -> list[str]:
+    while True:
         try:
-            os.rmdir(directory)
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                break
-            raise LimiterError("removing %s: %s" % (directory, e.strerror))
+            return pick_interfaces(tc, params["interfaces"], params["netns"])
+        except LimiterError:
+            if time.time() >= deadline:
+                raise
+            time.sleep(1)
 
 
-def _unpin(pin, names):
-    for name in names:
-        path = os.path.join(pin, name)
-        try:
-            os.unlink(path)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise LimiterError("unpinning %s: %s" % (path, e.strerror))
+def _present(
+    params: Params, template: str, check_mode: bool, deadline: float, result: ApplyResult
+) -> None:
+    pin_root, netns = params["pin_dir"], params["netns"]
+    ns_key = _names.namespace_key(netns)
+    with _tc.open_netns(netns) as tc:
+        ifnames = _wait_for_interfaces(tc, params, deadline)
+        desired, sources = {}, {}
+        for ifname in ifnames:
+            sources[ifname], desired[ifname] = desire(
+                tc, pin_root, ns_key, ifname, params, template
+            )
+        observed = observe(tc, pin_root, ns_key, ifnames)
+        actions = _plan.plan(observed, desired)
+        for ifname in ifnames:
+            result.warnings += _plan.shadow_warnings(
+                _label(ns_key, ifname), observed[ifname], _constants.FILTER_PREF
+            )
+        if not check_mode and any(a in BUILDS for a, _r in actions.values()):
+            tree = _host.check_kernel_headers(params["kernel_headers"])
+            if tree is not None:
+                os.environ["BCC_KERNEL_SOURCE"] = tree
+        _act(tc, ns_key, actions, observed, desired, sources, check_mode, result)
 
 
-# -- what the data plane knows ----------------------------------------------------------------
+def _label(ns_key: str, ifname: str) -> str:
+    return ifname if ns_key == _names.HOST_KEY else "%s/%s" % (ns_key, ifname)
 
 
-def counters(pin):
-    per_cpu = _read_map(pin, "counters", b"\x00" * 4, _layout.Counters, percpu=True) or []
-    total = dict.fromkeys([name for name, _type in _layout.Counters._fields_], 0)
-    for raw in per_cpu:
-        for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
-            total[name] += value
-    return total
+def _absent(params: Params, check_mode: bool, result: ApplyResult) -> None:
+    pin_root, netns = params["pin_dir"], params["netns"]
+    path = _tc.netns_path(netns)
+    if path is not None and not os.path.exists(path):
+        if "/" in path and netns is not None and "/" in netns:
+            raise LimiterError(_gone_path_message(pin_root, netns))
+        # A named namespace that is gone: its filters went with it, its pins are left.
+        ns_key = _names.namespace_key(netns)
+        _absent_namespace(pin_root, ns_key, check_mode, result, params["interfaces"])
+        return
+    ns_key = _names.namespace_key(netns)
+    with _tc.open_netns(netns) as tc:
+        ifnames = params["interfaces"]
+        if ifnames is None:
+            ifnames = _pins.pinned_interfaces(pin_root, ns_key)
+        observed = observe(tc, pin_root, ns_key, ifnames)
+        observed = {i: o for i, o in observed.items() if i in ifnames}
+        _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, result)
 
 
-def connections(pin):
-    """Live connections (closed and reset ones left out), with consumers per channel."""
-    key_size = ctypes.sizeof(_layout.ConnKey)
-    live = {}
-    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "conns"))) as fd:
-        for raw_key in _bpfsys.map_keys(fd, key_size):
-            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ConnState))
-            if raw is None:
-                continue  # gone since the key was listed
-            state = _layout.decode(_layout.ConnState, raw)
-            if state.ended:
-                continue
-            key = _layout.decode(_layout.ConnKey, raw_key)
-            live[bytes(raw_key)] = {
-                "client": _layout.address_text(key.client_addr),
-                "client_port": key.client_port,
-                "broker": _layout.address_text(key.broker_addr),
-                "broker_port": key.broker_port,
-                "consumers": state.consumers,
-                "refused": state.refused,
-                "synced": bool(state.synced),
-                "channels": {},
-                "_epoch": state.epoch,
-            }
-    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "channels"))) as fd:
-        for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
-            conn = live.get(bytes(raw_key[:key_size]))
-            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ChanState))
-            if conn is None or raw is None:
-                continue
-            value = _layout.decode(_layout.ChanState, raw)
-            if value.epoch == conn["_epoch"] and value.consumers:
-                channel = _layout.decode(_layout.ChanKey, raw_key).channel
-                conn["channels"][str(channel)] = value.consumers
-    out = []
-    for conn in live.values():
-        del conn["_epoch"]
-        out.append(conn)
-    return sorted(out, key=lambda c: (-c["consumers"], c["client"], c["client_port"]))
+def _gone_path_message(pin_root: str, netns: str) -> str:
+    """What to say for netns=<a path that is gone>: its pins are keyed by the inode it had."""
+    left = []
+    for ns_key in _pins.pinned_namespaces(pin_root):
+        if ns_key.startswith("ns-") and not _names.resolve_namespace(ns_key)[0]:
+            names = ", ".join(_pins.pinned_interfaces(pin_root, ns_key))
+            left.append("%s (%s)" % (_names.namespace_dir(pin_root, ns_key), names))
+    return "netns %s: no such namespace, so the pins it had cannot be told apart%s" % (
+        netns,
+        "; pins of namespaces that are gone: %s - state=absent with neither netns nor "
+        "interfaces removes them" % "; ".join(left)
+        if left
+        else " (no pins of a namespace that is gone are left)",
+    )
+
+
+def _absent_namespace(
+    pin_root: str,
+    ns_key: str,
+    check_mode: bool,
+    result: ApplyResult,
+    interfaces: list[str] | None = None,
+) -> None:
+    """Remove the limiter from one namespace the pins name; it may be gone already."""
+    found, netns = _names.resolve_namespace(ns_key)
+    if found:
+        with _tc.open_netns(netns) as tc:
+            observed = observe(tc, pin_root, ns_key, [])
+            _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, result)
+        return
+    # The namespace (and its filters) no longer exist: only the pins are left to remove.
+    for ifname in _pins.pinned_interfaces(pin_root, ns_key):
+        if interfaces is not None and ifname not in interfaces:
+            continue
+        pin = _names.pin_dir(pin_root, ns_key, ifname)
+        result.outcomes.append(
+            Outcome(
+                namespace=ns_key,
+                interface=ifname,
+                action=_plan.REMOVE,
+                reason="the namespace is gone",
+                before=_plan.public_config(_pins.read_config(pin)),
+                pin_dir=pin,
+            )
+        )
+        if not check_mode:
+            _pins.unpin_interface(pin)
+
+
+def _act(
+    tc: _tc.Tc,
+    ns_key: str,
+    actions: dict[str, tuple[str, str | None]],
+    observed: dict[str, Observation],
+    desired: dict[str, Desired],
+    sources: dict[str, str],
+    check_mode: bool,
+    result: ApplyResult,
+) -> None:
+    for ifname, (action, reason) in sorted(actions.items()):
+        seen = observed.get(ifname, {})
+        want = desired.get(ifname)
+        outcome = Outcome(
+            namespace=ns_key,
+            interface=ifname,
+            action=action,
+            reason=reason,
+            before=_plan.public_config(seen.get("config"))
+            if _plan.is_ours(seen.get("filter"))
+            else None,
+            after=_plan.public_config(want["config"]) if want else None,
+            program_id=(seen.get("filter") or {}).get("prog_id") if want else None,
+            pin_dir=want["config"]["pin_dir"] if want else seen.get("pin_dir"),
+        )
+        if not check_mode:
+            if action in BUILDS and want is not None:  # a build is always of something wanted
+                outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen)
+                outcome.compiled = True
+            elif action == _plan.REMOVE:
+                remove(tc, ifname, seen)
+        result.outcomes.append(outcome)

@@ -8,18 +8,20 @@ to what ("attaching filter to eth0: ..."). Modules turn it into
 ``fail_json(msg=err.msg, **err.context)``.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
+
+from typing import Any
 
 
 class LimiterError(Exception):
     """What failed, on what; ``context`` holds extra machine-readable details."""
 
-    def __init__(self, msg, context=None):
+    def __init__(self, msg: str, context: dict[str, Any] | None = None) -> None:
         super(LimiterError, self).__init__(msg)
         self.msg = msg
         self.context = dict(context or {})
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.msg

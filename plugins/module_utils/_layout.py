@@ -9,18 +9,19 @@ drift apart unnoticed. Bump LAYOUT_VERSION whenever a pinned struct changes: pin
 another version are never reused.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
 import ctypes
 import ipaddress
+from typing import Any
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAP_NAMES = ("conns", "channels", "counters", "config")
-ACTION_NAMES = ("drop", "reset", "monitor")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
+# DeployedConfig.action holds an action's index in _constants.ACTIONS (the C enum's order).
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -39,11 +40,16 @@ class ConnState(ctypes.Structure):
         ("next_hdr", ctypes.c_uint32),
         ("consumers", ctypes.c_uint32),
         ("refused", ctypes.c_uint32),
+        ("rcv_nxt", ctypes.c_uint32),
+        ("ooo_start", ctypes.c_uint32),
+        ("ooo_end", ctypes.c_uint32),
+        ("syn_next", ctypes.c_uint32),
         ("synced", ctypes.c_uint8),
         ("ended", ctypes.c_uint8),
         ("after_frame", ctypes.c_uint8),
         ("stash_len", ctypes.c_uint8),
         ("stash", ctypes.c_uint8 * 11),
+        ("flags", ctypes.c_uint8),
     ]
 
 
@@ -89,7 +95,7 @@ class DeployedConfig(ctypes.Structure):
     ]
 
 
-def address_text(raw16):
+def address_text(raw16: Any) -> str:
     """A conn_key address as text: IPv4 for v4-mapped addresses, else IPv6."""
     raw = bytes(raw16)
     if raw.startswith(_V4_MAPPED_PREFIX):
@@ -97,7 +103,7 @@ def address_text(raw16):
     return str(ipaddress.IPv6Address(raw))
 
 
-def address_bytes(text):
+def address_bytes(text: str) -> bytes:
     """The 16 bytes a conn_key holds for an address given as text."""
     addr = ipaddress.ip_address(text)
     if addr.version == 4:
@@ -105,7 +111,7 @@ def address_bytes(text):
     return addr.packed
 
 
-def conn_key(client, client_port, broker, broker_port):
+def conn_key(client: str, client_port: int, broker: str, broker_port: int) -> ConnKey:
     key = ConnKey()
     key.client_addr[:] = list(address_bytes(client))
     key.broker_addr[:] = list(address_bytes(broker))
@@ -113,13 +119,13 @@ def conn_key(client, client_port, broker, broker_port):
     return key
 
 
-def decode(struct_type, raw):
+def decode(struct_type: Any, raw: bytes) -> Any:
     return struct_type.from_buffer_copy(raw[: ctypes.sizeof(struct_type)])
 
 
-def as_dict(value):
+def as_dict(value: Any) -> dict[str, Any]:
     """Plain Python values of a ctypes struct (arrays become lists)."""
-    out = {}
+    out: dict[str, Any] = {}
     for name, _ctype in value._fields_:
         field = getattr(value, name)
         if isinstance(field, ctypes.Array):

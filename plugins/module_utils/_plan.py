@@ -9,12 +9,17 @@ An observation of one interface (see _deploy.observe) is a dict:
     pins      True when all of the limiter's maps are pinned for it
     config    the deployed config read from the pinned config map (a dict), or None
     filter    the ingress filter at our pref/handle: {"name", "prog_id"}, or None
+    maps_match  False when the attached program does not use the pinned maps (None: not
+              known, e.g. no filter or no pins)
+    shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
+
+from typing import Any
 
 FILTER_PREFIX = "rabbitguard-"
 # The filter name carries this much of the source digest: a cheap state key that tc
@@ -27,17 +32,21 @@ FILTER_GONE = "the filter is gone but its pinned maps are there"
 PINS_GONE = "the filter is there but its pinned maps are gone"
 FOREIGN = "another program sits at the limiter's tc pref/handle"
 CONFIG_GONE = "the pinned config does not match the attached filter"
+MAPS_DIFFER = "the attached program does not use the pinned maps"
+IFACE_GONE = "the interface is gone but its pinned maps are there"
 
 
-def filter_name(digest):
+def filter_name(digest: str) -> str:
     return FILTER_PREFIX + digest[:NAME_DIGEST_LEN]
 
 
-def is_ours(tc_filter):
+def is_ours(tc_filter: dict[str, Any] | None) -> bool:
     return tc_filter is not None and (tc_filter.get("name") or "").startswith(FILTER_PREFIX)
 
 
-def plan_interface(observed, desired):
+def plan_interface(
+    observed: dict[str, Any], desired: dict[str, Any] | None
+) -> tuple[str, str | None]:
     """(action, reason) for one interface."""
     ours = is_ours(observed.get("filter"))
     foreign = observed.get("filter") is not None and not ours
@@ -53,12 +62,54 @@ def plan_interface(observed, desired):
         return REPAIR, PINS_GONE
     if observed["filter"]["name"] != filter_name(desired["digest"]):
         return REPLACE, None
+    if observed.get("maps_match") is False:
+        return REPAIR, MAPS_DIFFER
     if (observed.get("config") or {}).get("digest") != desired["digest"]:
         return REPAIR, CONFIG_GONE
     return NONE, None
 
 
-def plan(observed, desired):
+def drift(observed: dict[str, Any]) -> str | None:
+    """What is wrong with a deployment as found (None: filter, pins and config agree)."""
+    tc_filter = observed.get("filter")
+    ours = is_ours(tc_filter)
+    if ours and not observed.get("pins"):
+        return PINS_GONE
+    if not observed.get("pins"):
+        return None
+    if not observed.get("exists", True):
+        return IFACE_GONE
+    if tc_filter is None:
+        return FILTER_GONE
+    if not ours:
+        return FOREIGN
+    config = observed.get("config")
+    if config is None or tc_filter.get("name") != filter_name(config["digest"]):
+        return CONFIG_GONE
+    if observed.get("maps_match") is False:
+        return MAPS_DIFFER
+    return None
+
+
+def shadow_warnings(ifname: str, observed: dict[str, Any], our_pref: int) -> list[str]:
+    """One warning per filter (pref, kind, protocol) that runs before ours on the interface's
+    ingress hook (a u32 filter dumps as several entries: its hash table and its nodes)."""
+    seen = []
+    for f in observed.get("shadows") or ():
+        key = (f["pref"], f.get("kind"), f.get("protocol") or 0)
+        if key not in seen:
+            seen.append(key)
+    return [
+        "%s: a %s filter at pref %d (protocol 0x%04x) runs before the limiter's (pref %d); "
+        "if it returns a verdict, traffic bypasses the limiter"
+        % (ifname, kind, pref, proto, our_pref)
+        for pref, kind, proto in seen
+    ]
+
+
+def plan(
+    observed: dict[str, dict[str, Any]], desired: dict[str, dict[str, Any]]
+) -> dict[str, tuple[str, str | None]]:
     """{ifname: (action, reason)} over every interface observed or desired.
 
     observed: {ifname: observation}; desired: {ifname: desired state}. An interface
@@ -70,11 +121,11 @@ def plan(observed, desired):
     return actions
 
 
-def changed(actions):
+def changed(actions: dict[str, tuple[str, str | None]]) -> bool:
     return any(action != NONE for action, _reason in actions.values())
 
 
-def public_config(config):
+def public_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The part of a config a user sets and sees (no pin paths, no internals)."""
     if not config:
         return None

@@ -13,11 +13,11 @@ unit that runs::
     /usr/bin/python3 <lib>/limiter/rabbitguard-reattach.pyz --wait 120 /etc/rabbitguard/limiter.json
 
 This does what rabbit_tc_limit with state=present does with the same arguments (the same
-validation, rendering, digest, plan and deploy functions), without Ansible: the program it
+apply path, _deploy.apply), without Ansible: the program it
 attaches is identical, so a later run of the role finds nothing to change.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
@@ -26,35 +26,36 @@ import json
 import os
 import subprocess
 import sys
-import time
+from typing import Any
 
-from . import _bpfsys, _deploy, _plan, _render, _tc
+from . import _bpfsys, _constants, _deploy, _render
 from ._errors import LimiterError
 
-# The stored configuration: rabbit_tc_limit's options for state=present, and their defaults.
-DEFAULTS = {
-    "port": 5672,
-    "limit": 10,
-    "action": "drop",
-    "frame_max": _render.DEFAULT_FRAME_MAX,
+# The stored configuration: rabbit_tc_limit's options for state=present, and their defaults
+# (the module's: the role always stores every value it sets).
+DEFAULTS: dict[str, Any] = {
+    "port": _constants.DEFAULT_PORT,
+    "limit": _constants.DEFAULT_LIMIT,
+    "action": _constants.MODULE_DEFAULT_ACTION,
+    "frame_max": _constants.DEFAULT_FRAME_MAX,
     "interfaces": None,
     "netns": None,
-    "pin_dir": _deploy.DEFAULT_PIN_ROOT,
+    "pin_dir": _constants.DEFAULT_PIN_ROOT,
     "kernel_headers": None,
-    "lock_timeout": 120,
+    "lock_timeout": _constants.DEFAULT_LOCK_TIMEOUT,
 }
 TEMPLATE_NAME = _render.TEMPLATE_NAME
 
 
-def load_config(path):
+def load_config(path: str) -> dict[str, Any]:
     """The stored configuration as rabbit_tc_limit parameters; LimiterError if unusable."""
     try:
         with open(path) as handle:
             stored = json.load(handle)
-    except (IOError, OSError) as e:
-        raise LimiterError("reading the stored configuration %s: %s" % (path, e.strerror))
+    except OSError as e:
+        raise LimiterError("reading the stored configuration %s: %s" % (path, e.strerror)) from e
     except ValueError as e:
-        raise LimiterError("reading the stored configuration %s: not JSON: %s" % (path, e))
+        raise LimiterError("reading the stored configuration %s: not JSON: %s" % (path, e)) from e
     if not isinstance(stored, dict):
         raise LimiterError("stored configuration %s: expected a JSON object" % path)
     unknown = sorted(set(stored) - set(DEFAULTS))
@@ -74,88 +75,39 @@ def load_config(path):
         params["interfaces"] = None
     # Option errors first, as the module does: they name the option and touch nothing.
     try:
-        _render.validate(
-            params["port"],
-            params["limit"],
-            params["action"],
-            "ethernet",
-            _render.BPFFS_ROOT + "/check",
-            params["frame_max"],
-        )
+        _deploy.validate_options(params)
     except _render.ConfigError as e:
-        raise LimiterError("stored configuration %s: %s" % (path, e))
+        raise LimiterError("stored configuration %s: %s" % (path, e)) from e
+    params["state"] = "present"
     return params
 
 
-def ensure_bpffs():
-    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (early boot, no mount unit)."""
-    if _bpfsys.is_bpffs(_render.BPFFS_ROOT):
+def ensure_bpffs() -> bool:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (early boot, no mount unit).
+
+    mode=700: only root may create the pin directories (a local user who could would be
+    able to delete root's pins)."""
+    root = _constants.BPFFS_ROOT
+    if _bpfsys.is_bpffs(root):
         return False
     try:
-        if not os.path.isdir(_render.BPFFS_ROOT):
-            os.makedirs(_render.BPFFS_ROOT)
-        subprocess.check_call(["mount", "-t", "bpf", "bpf", _render.BPFFS_ROOT])
+        if not os.path.isdir(root):
+            os.makedirs(root)
+        subprocess.check_call(["mount", "-t", "bpf", "-o", "mode=700", "bpf", root])
     except (OSError, subprocess.CalledProcessError) as e:
-        raise LimiterError("mounting bpffs at %s: %s" % (_render.BPFFS_ROOT, e))
+        raise LimiterError("mounting bpffs at %s: %s" % (root, e)) from e
     return True
 
 
-def _interfaces(tc, params, deadline):
-    """The interfaces to limit; at boot, wait until they (or a default route) exist."""
-    while True:
-        try:
-            ifnames = params["interfaces"]
-            if ifnames is None:
-                ifnames = tc.default_route_interfaces()
-                if not ifnames:
-                    raise LimiterError(
-                        "interfaces: no default route in %s to take them from"
-                        % (params["netns"] or "the host's namespace")
-                    )
-            for ifname in ifnames:
-                tc.interface_index(ifname)
-            return ifnames
-        except LimiterError:
-            if time.time() >= deadline:
-                raise
-            time.sleep(1)
-
-
-def reattach(params, template, wait=0):
+def reattach(
+    params: dict[str, Any], template: str, wait: float = 0
+) -> list[tuple[str, str, str, str | None]]:
     """Deploy the stored configuration; returns [(namespace key, interface, action, reason)]."""
-    deadline = time.time() + wait
-    pin_root, netns = params["pin_dir"], params["netns"]
-    ns_key = _deploy.namespace_key(netns)
-    _deploy.check_bpffs()
-    done = []
-    path = _tc.netns_path(netns)
-    while path is not None and not os.path.exists(path) and time.time() < deadline:
-        time.sleep(1)  # a container's namespace may come up late
-    with _deploy.host_lock(params["lock_timeout"]), _tc.open_netns(netns) as tc:
-        ifnames = _interfaces(tc, params, deadline)
-        desired, sources = {}, {}
-        for ifname in ifnames:
-            sources[ifname], desired[ifname] = _deploy.desire(
-                tc, pin_root, ns_key, ifname, params, template
-            )
-        observed = _deploy.observe(tc, pin_root, ns_key, ifnames)
-        actions = _plan.plan(observed, desired)
-        if any(a in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR) for a, _r in actions.values()):
-            tree = _deploy.check_kernel_headers(params["kernel_headers"])
-            if params["kernel_headers"]:
-                os.environ["BCC_KERNEL_SOURCE"] = tree
-        for ifname, (action, reason) in sorted(actions.items()):
-            if action in (_plan.CREATE, _plan.REPLACE, _plan.REPAIR):
-                _deploy.deploy(
-                    tc, ifname, sources[ifname], desired[ifname], observed.get(ifname, {})
-                )
-            elif action == _plan.REMOVE:
-                _deploy.remove(tc, ifname, observed[ifname])
-            done.append((ns_key, ifname, action, reason))
-    return done
+    result = _deploy.apply(params, template, wait=wait)
+    return [(o.namespace, o.interface, o.action, o.reason) for o in result.outcomes]
 
 
-def main(argv=None, template=None):
+def main(argv: list[str] | None = None, template: str | None = None) -> int:
     """Command line entry; template is the classifier's template text (from the zip app)."""
     parser = argparse.ArgumentParser(
         prog="rabbitguard-reattach",
@@ -183,10 +135,12 @@ def main(argv=None, template=None):
             path = args.template or _render.default_template_path()
             try:
                 template = _render.read_template(path)
-            except (IOError, OSError) as e:
-                raise LimiterError("reading the classifier template %s: %s" % (path, e.strerror))
+            except OSError as e:
+                raise LimiterError(
+                    "reading the classifier template %s: %s" % (path, e.strerror)
+                ) from e
         if ensure_bpffs():
-            sys.stdout.write("%s: mounted bpffs at %s\n" % (prog, _render.BPFFS_ROOT))
+            sys.stdout.write("%s: mounted bpffs at %s\n" % (prog, _constants.BPFFS_ROOT))
         for ns_key, ifname, action, reason in reattach(params, template, args.wait):
             sys.stdout.write(
                 "%s: %s/%s: %s%s (limit %d, action %s, port %d)\n"

@@ -18,7 +18,7 @@ the namespace it was created in), and switches straight back: the program fd is
 sent from our own process and stays valid.
 """
 
-from __future__ import absolute_import, division, print_function
+from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
@@ -28,7 +28,9 @@ import os
 import socket
 import struct
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from ._errors import LimiterError
 
@@ -37,8 +39,8 @@ try:
     from pyroute2.netlink.exceptions import NetlinkError
 except ImportError:
     HAS_PYROUTE2 = False
-    PYROUTE2_IMPORT_ERROR = traceback.format_exc()
-    _NL_ERRORS = (OSError,)
+    PYROUTE2_IMPORT_ERROR: str | None = traceback.format_exc()
+    _NL_ERRORS: tuple[type[BaseException], ...] = (OSError,)
 else:
     HAS_PYROUTE2 = True
     PYROUTE2_IMPORT_ERROR = None
@@ -53,6 +55,8 @@ TC_H_EGRESS_HOOK = 0xFFFFFFF3  # ffff:fff3, clsact egress
 ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
+# if_arp.h: the link types whose frames tc hands a classifier with an Ethernet header.
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 
 # enum TCA_BPF_*: pyroute2 0.7.2 decodes up to TCA_BPF_FLAGS (8) only; the
 # kernel's dump also carries FLAGS_GEN (9), TAG (10) and ID (11), left as raw
@@ -66,7 +70,7 @@ TCA_BPF_ID = 11
 FILTER_NAME_MAX = 256
 
 
-def _require_pyroute2():
+def _require_pyroute2() -> None:
     if not HAS_PYROUTE2:
         raise LimiterError(
             "using netlink: the Python library pyroute2 is missing "
@@ -79,7 +83,7 @@ def _require_pyroute2():
 # -- network namespaces -------------------------------------------------------
 
 
-def netns_path(netns):
+def netns_path(netns: str | None) -> str | None:
     """None -> None (current namespace); 'name' -> /run/netns/name; paths as given."""
     if netns is None:
         return None
@@ -88,7 +92,7 @@ def netns_path(netns):
     return os.path.join(NETNS_RUN_DIR, netns)
 
 
-def _setns(fd, what):
+def _setns(fd: int, what: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -97,7 +101,7 @@ def _setns(fd, what):
         raise LimiterError("%s: %s" % (what, os.strerror(err)), {"errno": err})
 
 
-def _new_ipr():
+def _new_ipr() -> Any:
     # ext_ack: the kernel's own reason ("Specified filter kind does not match
     # existing one") comes back in NetlinkError instead of a bare EINVAL.
     # Kernels before 4.12 lack NETLINK_EXT_ACK and refuse the socket option.
@@ -107,7 +111,7 @@ def _new_ipr():
         return IPRoute()
 
 
-def _ipr_in(path, netns):
+def _ipr_in(path: str, netns: str | None) -> Any:
     """An IPRoute whose netlink socket lives in the namespace at path."""
     what = "entering network namespace %s" % netns
     try:
@@ -117,8 +121,8 @@ def _ipr_in(path, netns):
             raise LimiterError(
                 "network namespace %s not found (%s)" % (netns, path),
                 {"errno": e.errno, "netns": netns},
-            )
-        raise LimiterError("%s: %s" % (what, e.strerror), {"errno": e.errno, "netns": netns})
+            ) from e
+        raise LimiterError("%s: %s" % (what, e.strerror), {"errno": e.errno, "netns": netns}) from e
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ipr = None
     try:
@@ -141,7 +145,7 @@ def _ipr_in(path, netns):
 
 
 @contextmanager
-def open_netns(netns=None):
+def open_netns(netns: str | None = None) -> Iterator[Tc]:
     """A Tc for the given namespace: None (ours), a name in /run/netns, or a path
     such as /proc/PID/ns/net. A missing namespace raises LimiterError."""
     _require_pyroute2()
@@ -156,7 +160,7 @@ def open_netns(netns=None):
 # -- helpers over pyroute2 messages -------------------------------------------
 
 
-def _raw_attrs(msg):
+def _raw_attrs(msg: Any) -> dict[int, bytes]:
     """{type: payload bytes} for the attributes pyroute2 left undecoded."""
     out = {}
     for slot in msg.get("attrs", ()):
@@ -167,7 +171,7 @@ def _raw_attrs(msg):
     return out
 
 
-def _filter_view(msg):
+def _filter_view(msg: Any) -> dict[str, Any]:
     """Our dict for one RTM_NEWTFILTER message."""
     view = {
         "pref": msg["info"] >> 16,
@@ -193,12 +197,12 @@ def _filter_view(msg):
     return view
 
 
-def _code(err):
+def _code(err: BaseException) -> int | None:
     """The errno of a NetlinkError (.code) or OSError (.errno)."""
     return getattr(err, "code", None) or getattr(err, "errno", None)
 
 
-def _reason(err):
+def _reason(err: BaseException) -> str:
     """'Invalid argument: <the kernel's extack message>' from a NetlinkError/OSError."""
     code = _code(err)
     text = os.strerror(code) if code else str(err)
@@ -208,7 +212,7 @@ def _reason(err):
     return text
 
 
-def _check_name(name):
+def _check_name(name: Any) -> None:
     ok = (
         isinstance(name, str)
         and 0 < len(name) <= FILTER_NAME_MAX
@@ -224,42 +228,42 @@ def _check_name(name):
 class Tc:
     """tc operations through one netlink socket; made by open_netns()."""
 
-    def __init__(self, ipr, netns=None):
+    def __init__(self, ipr: Any, netns: str | None = None) -> None:
         self.ipr = ipr
         self.netns = netns
 
-    def _where(self, ifname):
+    def _where(self, ifname: str) -> str:
         if self.netns is None:
             return ifname
         return "%s in netns %s" % (ifname, self.netns)
 
-    def _error(self, doing, ifname, err, **context):
+    def _error(self, doing: str, ifname: str, err: BaseException, **context: Any) -> LimiterError:
         """LimiterError('<doing> <ifname> [in netns X]: <reason>') for a netlink failure."""
         context.update(ifname=ifname, netns=self.netns, errno=_code(err))
         return LimiterError("%s %s: %s" % (doing, self._where(ifname), _reason(err)), context)
 
-    def _dump_filters(self, ifname, parent):
+    def _dump_filters(self, ifname: str, parent: int) -> list[Any]:
         index = self.interface_index(ifname)
         try:  # without a clsact qdisc the kernel answers with an empty dump
             return list(self.ipr.get_filters(index=index, parent=parent))
         except _NL_ERRORS as e:
-            raise self._error("listing tc filters on", ifname, e)
+            raise self._error("listing tc filters on", ifname, e) from e
 
     # -- interfaces and routes -------------------------------------------------
 
-    def interface_index(self, name):
+    def interface_index(self, name: str) -> int:
         """ifindex of name; LimiterError if there is no such interface."""
         try:
             found = self.ipr.link_lookup(ifname=name)
         except _NL_ERRORS as e:
-            raise self._error("looking up interface", name, e)
+            raise self._error("looking up interface", name, e) from e
         if not found:
             raise LimiterError(
                 "interface %s not found" % self._where(name), {"ifname": name, "netns": self.netns}
             )
         return found[0]
 
-    def default_route_interfaces(self):
+    def default_route_interfaces(self) -> list[str]:
         """Interfaces of the main table's default routes, IPv4 then IPv6, no repeats."""
         indexes = []
         try:
@@ -280,23 +284,52 @@ class Tc:
             raise LimiterError(
                 "reading default routes%s: %s" % (where, _reason(e)),
                 {"netns": self.netns, "errno": _code(e)},
-            )
+            ) from e
+
+    def interface_names(self) -> list[str]:
+        """Every interface of the namespace."""
+        try:
+            return [str(link.get_attr("IFLA_IFNAME")) for link in self.ipr.get_links()]
+        except _NL_ERRORS as e:
+            where = "" if self.netns is None else " in netns %s" % self.netns
+            raise LimiterError(
+                "listing interfaces%s: %s" % (where, _reason(e)),
+                {"netns": self.netns, "errno": _code(e)},
+            ) from e
+
+    def interface_exists(self, name: str) -> bool:
+        try:
+            return bool(self.ipr.link_lookup(ifname=name))
+        except _NL_ERRORS as e:
+            raise self._error("looking up interface", name, e) from e
+
+    def link_type(self, name: str) -> int:
+        """The interface's ARPHRD_* link type (ARPHRD_ETHER, ARPHRD_LOOPBACK, ...)."""
+        index = self.interface_index(name)
+        try:
+            return int(self.ipr.get_links(index)[0]["ifi_type"])
+        except _NL_ERRORS as e:
+            raise self._error("reading the link type of", name, e) from e
+
+    def has_ethernet_header(self, name: str) -> bool:
+        """True when tc sees an Ethernet header on frames of this interface (loopback too)."""
+        return self.link_type(name) in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
     # -- qdisc -----------------------------------------------------------------
 
-    def clsact_kind(self, ifname):
+    def clsact_kind(self, ifname: str) -> str | None:
         """'clsact', 'ingress' or None: what sits at ffff: on ifname."""
         index = self.interface_index(ifname)
         try:
             qdiscs = self.ipr.get_qdiscs(index)
         except _NL_ERRORS as e:
-            raise self._error("listing qdiscs on", ifname, e)
+            raise self._error("listing qdiscs on", ifname, e) from e
         for qdisc in qdiscs:
             if qdisc["parent"] == TC_H_CLSACT:
                 return qdisc.get_attr("TCA_KIND")
         return None
 
-    def ensure_clsact(self, ifname):
+    def ensure_clsact(self, ifname: str) -> bool:
         """Add a clsact qdisc unless there is one; True if it was added.
 
         Root qdiscs (fq_codel, mq, ...) are separate and left alone; an 'ingress'
@@ -316,10 +349,10 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.EEXIST and self.clsact_kind(ifname) == "clsact":
                 return False  # someone else was quicker
-            raise self._error("adding clsact qdisc to", ifname, e)
+            raise self._error("adding clsact qdisc to", ifname, e) from e
         return True
 
-    def remove_clsact_if_empty(self, ifname):
+    def remove_clsact_if_empty(self, ifname: str) -> bool:
         """Delete the clsact qdisc if neither ingress nor egress holds a filter."""
         if self.clsact_kind(ifname) != "clsact":
             return False
@@ -332,12 +365,12 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) in (errno.ENOENT, errno.EINVAL):
                 return False
-            raise self._error("removing clsact qdisc from", ifname, e)
+            raise self._error("removing clsact qdisc from", ifname, e) from e
         return True
 
     # -- filters ---------------------------------------------------------------
 
-    def list_filters(self, ifname):
+    def list_filters(self, ifname: str) -> list[dict[str, Any]]:
         """Filters on ifname's clsact ingress hook, in dump order (by pref):
         dicts of pref, protocol, handle, kind, name, direct_action, prog_id,
         prog_tag (the last four None where the kind is not bpf)."""
@@ -347,7 +380,7 @@ class Tc:
             if msg["handle"] and msg.get_attr("TCA_OPTIONS") is not None
         ]
 
-    def attach(self, ifname, prog_fd, name, pref, handle):
+    def attach(self, ifname: str, prog_fd: int, name: str, pref: int, handle: int) -> None:
         """Put prog_fd at (pref, handle) on ifname's ingress, direct-action, all
         protocols. Create-or-replace in one netlink request: an existing filter
         there is swapped atomically, and no second filter is ever added."""
@@ -378,9 +411,38 @@ class Tc:
                 pref,
                 handle,
             )
-            raise self._error(doing, ifname, e, pref=pref, handle=handle)
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
-    def detach(self, ifname, pref, handle):
+    def find_filter(self, ifname: str, pref: int, handle: int) -> dict[str, Any] | None:
+        """The ingress filter at (pref, handle) on ifname, or None."""
+        for tc_filter in self.list_filters(ifname):
+            if tc_filter["pref"] == pref and tc_filter["handle"] == handle:
+                return tc_filter
+        return None
+
+    def delete_filter(self, ifname: str, kind: str, protocol: int, pref: int, handle: int) -> None:
+        """Delete the ingress filter at (pref, handle) of this kind and protocol, whatever it
+        is (the kernel matches a deletion on kind and protocol too)."""
+        try:
+            self.ipr.tc(
+                "del-filter",
+                kind,
+                self.interface_index(ifname),
+                handle,
+                parent=TC_H_INGRESS_HOOK,
+                prio=pref,
+                protocol=protocol,
+            )
+        except _NL_ERRORS as e:
+            doing = "removing the %s filter (protocol 0x%04x) at pref %d, handle 0x%x of" % (
+                kind,
+                protocol,
+                pref,
+                handle,
+            )
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
+
+    def detach(self, ifname: str, pref: int, handle: int) -> bool:
         """Delete the ingress filter at (pref, handle); False if there was none."""
         present = any(
             f["pref"] == pref and f["handle"] == handle for f in self.list_filters(ifname)
@@ -401,5 +463,5 @@ class Tc:
             if _code(e) == errno.ENOENT:
                 return False
             doing = "detaching filter (pref %d, handle %d) from ingress of" % (pref, handle)
-            raise self._error(doing, ifname, e, pref=pref, handle=handle)
+            raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
         return True

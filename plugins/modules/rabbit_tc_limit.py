@@ -23,7 +23,12 @@ description:
   - It repairs what it finds broken, a filter gone with its pins left (an interface was
     recreated), pins gone with the filter left (bpffs remounted), or a foreign program at its
     tc pref and handle.
-  - Runs on one host are serialised by a lock.
+  - Runs on one host are serialised by a lock in C(/run/rabbitguard), a directory only root
+    may write (the module makes it mode 0700 and refuses one that is not root's).
+  - A filter at an earlier pref of the same ingress hook runs before the limiter and can
+    bypass it; each run reports such filters as warnings.
+  - Pin directories that are not root's, or that group or others may write, are refused
+    (where bpffs is mounted without C(mode=700), a local user could make them first).
 author:
   - rabbitguard.limiter contributors (@rabbitguard)
 requirements:
@@ -34,12 +39,22 @@ requirements:
   - bpffs mounted at C(/sys/fs/bpf).
   - Jinja2 for the host's Python (C(python3-jinja2)).
 extends_documentation_fragment:
-  - rabbitguard.limiter.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
+  platform:
+    platforms: posix
+  action:
+    support: full
+    details: The action plugin sends the classifier's C template from the collection.
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
 options:
   state:
     description:
@@ -90,7 +105,9 @@ options:
         for brokers in containers. Default, the host's namespace.
     type: str
   pin_dir:
-    description: Where the limiter's maps are pinned; must be on bpffs.
+    description:
+      - Where the limiter's maps are pinned; must be a directory under C(/sys/fs/bpf), for
+        every O(state).
     type: path
     default: /sys/fs/bpf/rabbitguard
   kernel_headers:
@@ -102,11 +119,6 @@ options:
     description: Seconds to wait for another run of this module on the same host.
     type: int
     default: 120
-  _template:
-    description:
-      - Internal, set by this module's action plugin - the classifier's C template, read
-        from the collection on the controller. Never set it in a task.
-    type: str
 notes:
   - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
     is created only if missing, and removed on O(state=absent) only if this module created it
@@ -153,13 +165,13 @@ interfaces:
         config: {port: 5672, limit: 5, action: drop, frame_max: 131072, l2: ethernet}
         program_id: 412
         compiled: true
-        pin_dir: /sys/fs/bpf/rabbitguard/v1/host/eth0
+        pin_dir: /sys/fs/bpf/rabbitguard/v2/host/eth0
   contains:
     action:
       description: One of V(none), V(create), V(replace), V(repair), V(remove).
       type: str
     reason:
-      description: Why a repair was needed.
+      description: Why a repair was needed, or why a namespace's pins were removed.
       type: str
     config:
       description: The configuration deployed after the run (null when removed).
@@ -177,23 +189,25 @@ interfaces:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
 
 
 def build_module():
     return AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", default="present", choices=["present", "absent"]),
+            state=dict(type="str", default="present", choices=list(C.STATES)),
             interfaces=dict(type="list", elements="str"),
-            port=dict(type="int", default=5672),
-            limit=dict(type="int", default=10),
-            action=dict(type="str", default="drop", choices=["drop", "reset", "monitor"]),
-            frame_max=dict(type="int", default=131072),
+            port=dict(type="int", default=C.DEFAULT_PORT),
+            limit=dict(type="int", default=C.DEFAULT_LIMIT),
+            action=dict(type="str", default=C.MODULE_DEFAULT_ACTION, choices=list(C.ACTIONS)),
+            frame_max=dict(type="int", default=C.DEFAULT_FRAME_MAX),
             netns=dict(type="str"),
-            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             kernel_headers=dict(type="path"),
-            lock_timeout=dict(type="int", default=120),
-            # Set by the action plugin: the classifier's template, read on the controller.
+            lock_timeout=dict(type="int", default=C.DEFAULT_LOCK_TIMEOUT),
+            # Internal, not a user option (so not in DOCUMENTATION): the action plugin sends
+            # the classifier's template, read from the collection on the controller.
             _template=dict(type="str", no_log=True),
         ),
         supports_check_mode=True,

@@ -24,13 +24,15 @@ requirements:
   - Root on the managed host.
   - pyroute2 (C(python3-pyroute2)).
 extends_documentation_fragment:
-  - rabbitguard.limiter.attributes
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
     details: The module changes nothing, in check mode or not.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   netns:
     description:
@@ -87,8 +89,26 @@ limiters:
       description: The deployed port, limit, action, frame_max and l2 (null when unknown).
       type: dict
     attached:
-      description: Whether the filter on the interface runs the pinned configuration.
+      description:
+        - Whether the filter on the interface runs the pinned configuration with the pinned
+          maps (false whenever RV(limiters[].drift) is set).
       type: bool
+    drift:
+      description:
+        - What disagrees, or null when the filter, the pins and the config agree - the filter
+          is there but its pinned maps are gone (bpffs remounted, pins removed), the filter or
+          the interface is gone but the pins are there, another program holds the limiter's
+          tc slot, the pinned config does not match the filter, or the attached program does
+          not use the pinned maps. M(rabbitguard.limiter.rabbit_tc_limit) repairs each.
+        - An interface whose filter is the limiter's is listed even when nothing is pinned
+          for it.
+      type: str
+    warnings:
+      description:
+        - Filters at an earlier pref on the same ingress hook, which run before the limiter
+          (a verdict of theirs bypasses it).
+      type: list
+      elements: str
     program_id:
       description: The kernel's id of the attached program, or null.
       type: int
@@ -113,6 +133,8 @@ limiters:
       interface: eth0
       config: {port: 5672, limit: 10, action: drop, frame_max: 131072, l2: ethernet}
       attached: true
+      drift: null
+      warnings: []
       program_id: 87
       counters: {consumes_allowed: 12, consumes_refused: 3}
       connection_count: 2
@@ -123,6 +145,7 @@ limiters:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _runner
 
 
@@ -131,7 +154,7 @@ def build_module():
         argument_spec=dict(
             netns=dict(type="str"),
             interfaces=dict(type="list", elements="str"),
-            pin_dir=dict(type="path", default="/sys/fs/bpf/rabbitguard"),
+            pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             connections=dict(type="bool", default=True),
             min_consumers=dict(type="int", default=0),
         ),

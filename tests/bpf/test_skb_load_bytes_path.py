@@ -10,7 +10,8 @@ it as well. Here: the knob itself, and every variant of it through the verifier.
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _render
+from tests.bpf.test_variants import VERIFIER_BUDGET
 from tests.lib.dataplane import Dataplane
 
 pytestmark = pytest.mark.bpf
@@ -43,4 +44,8 @@ def test_the_knob_selects_the_helper_and_production_never_does():
 @pytest.mark.parametrize("action", _render.ACTIONS)
 @pytest.mark.parametrize("limit", [0, 65535])
 def test_load_bytes_variant_passes_the_verifier(action, l2, limit):
-    Dataplane(limit=limit, action=action, l2=l2, force_skb_load_bytes=True).close()
+    dp = Dataplane(limit=limit, action=action, l2=l2, force_skb_load_bytes=True)
+    try:
+        assert _bpfsys.prog_info(dp.function.fd)["verified_insns"] < VERIFIER_BUDGET
+    finally:
+        dp.close()

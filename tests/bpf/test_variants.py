@@ -5,11 +5,17 @@ import ctypes
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout, _render
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout, _render
 from tests.lib import amqp
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Dataplane, Flow
 
 pytestmark = pytest.mark.bpf
+
+# The verifier gives up at 1,000,000 instructions processed (BPF_COMPLEXITY_LIMIT_INSNS).
+# Every variant must stay well below it, so that a kernel whose verifier explores a little
+# more, or the next change to the walk, still loads: a change that crosses this budget
+# needs a look at why, not a higher number.
+VERIFIER_BUDGET = 800_000
 
 
 @pytest.mark.parametrize("l2", _render.L2_KINDS)
@@ -24,6 +30,7 @@ pytestmark = pytest.mark.bpf
 def test_variant_loads_and_limits(action, l2, limit, port, frame_max):
     dp = Dataplane(limit=limit, action=action, port=port, l2=l2, frame_max=frame_max)
     try:
+        assert _bpfsys.prog_info(dp.function.fd)["verified_insns"] < VERIFIER_BUDGET
         flow = Flow(dp, l2=(l2 == "ethernet"))
         assert flow.handshake() == TC_ACT_OK
         verdict = flow.send(amqp.consume(1))

@@ -8,21 +8,22 @@ import json
 import time
 
 import lab
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.lib.ansible_run import INFO, LIMIT
 
-# /run/lock: the module's host lock (/run/lock/rabbitguard-limiter.lock) is per host, as on
-# real hosts, instead of one lock shared by every lab host and every lab on this machine.
+# The module's host lock directory (_constants.LOCK_DIR) is per host, as on real hosts,
+# instead of one lock shared by every lab host and every lab on this machine.
 CFG = lab.Config(
     prefix="rgi",
     subnet=240,
     state_dir="/run/rabbitguard-lab-rgi",
-    extra_private_dirs=("/run/lock",),
+    extra_private_dirs=(C.LOCK_DIR,),
 )
 N_HOSTS = 2
 QUEUE = "rgi-q"
-PIN_ROOT = "/sys/fs/bpf/rabbitguard"
+PIN_ROOT = C.DEFAULT_PIN_ROOT
 IFACE = "eth0"
-PREF, HANDLE = 49152, 0x5247
+PREF, HANDLE = C.FILTER_PREF, C.FILTER_HANDLE
 
 
 # ---------------------------------------------------------------------------------------------

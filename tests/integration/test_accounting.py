@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.integration.common import (
     broker_connections,
     connection_of,
@@ -145,10 +146,10 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
 
     assert entry["attached"] is True and isinstance(entry["program_id"], int)
     assert entry["config"] == {
-        "port": 5672,
+        "port": C.DEFAULT_PORT,
         "limit": LIMIT,
         "action": "reset",
-        "frame_max": 131072,
+        "frame_max": C.DEFAULT_FRAME_MAX,
         "l2": "ethernet",
     }
     conn = connection_of(entry, consumer)
@@ -156,7 +157,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
         "client": "198.18.240.1",
         "client_port": consumer.local_port,
         "broker": limited["ipv4"],
-        "broker_port": 5672,
+        "broker_port": C.DEFAULT_PORT,
         "consumers": LIMIT,
         "channels": {str(ch1): 2, str(ch2): 1},
         "refused": 0,

@@ -10,7 +10,8 @@ rabbit2 has a clsact qdisc of its own before we come, with someone else's filter
 behind it, and removing the limiter leaves both in place. On rabbit1 the module creates the
 clsact qdisc, and removing the limiter removes it again.
 
-The tests run in file order and build on each other (STATE).
+Each test starts from the state it needs (the `clean` and `deployed` fixtures), so they run
+in any order and alone.
 """
 
 import pytest
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.integration
 
 HOSTS = ("rabbit1", "rabbit2")
 CONFIG = dict(limit=4, action="reset")
-STATE = {}
 FOREIGN = [
     "tc",
     "filter",
@@ -63,6 +63,14 @@ def our_filter(host):
 
 @pytest.fixture(scope="module")
 def fleet(ansible, lab_hosts, queues):
+    """The two hosts; at the end, rabbit2's own filter is taken away again."""
+    yield lab_hosts
+    forget(*HOSTS)
+    run("rabbit2", ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", "1"], check=False)
+
+
+@pytest.fixture
+def clean(ansible, fleet):
     """Both hosts without the limiter; rabbit2 with a clsact qdisc and a filter of its own."""
     (results,) = ansible.play("rabbit", [task(LIMIT, state="absent")])
     assert not any(r["failed"] for r in results.values()), results
@@ -71,12 +79,18 @@ def fleet(ansible, lab_hosts, queues):
     run("rabbit2", ["tc", "qdisc", "replace", "dev", IFACE, "clsact"])
     run("rabbit2", ["tc", "filter", "del", "dev", IFACE, "ingress"], check=False)
     run("rabbit2", FOREIGN)
-    yield lab_hosts
-    forget(*HOSTS)
-    run("rabbit2", ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", "1"], check=False)
+    return fleet
 
 
-def test_check_mode_predicts_a_change_and_attaches_nothing(ansible, fleet):
+@pytest.fixture
+def deployed(ansible, clean):
+    """The limiter with CONFIG on both hosts (from clean): {host: its program id}."""
+    (results,) = ansible.play("rabbit", [task(LIMIT, **CONFIG)])
+    assert not any(r["failed"] for r in results.values()), results
+    return {host: entry["program_id"] for host, entry in eth0_of(results).items()}
+
+
+def test_check_mode_predicts_a_change_and_attaches_nothing(ansible, clean):
     before = dict((h, snapshot(h)) for h in HOSTS)
     assert "clsact" not in before["rabbit1"]["qdiscs"]
 
@@ -93,7 +107,7 @@ def test_check_mode_predicts_a_change_and_attaches_nothing(ansible, fleet):
     assert pins("rabbit1") == []
 
 
-def test_first_run_attaches_and_limits(ansible, fleet, queues, client_pool):
+def test_first_run_attaches_and_limits(ansible, clean, queues, client_pool):
     (results,) = ansible.play("rabbit", [task(LIMIT, **CONFIG)])
 
     for host, entry in eth0_of(results).items():
@@ -103,17 +117,16 @@ def test_first_run_attaches_and_limits(ansible, fleet, queues, client_pool):
         (line,) = our_filter(host)
         assert "rabbitguard-" in line and "direct-action" in line
         assert " id %d " % entry["program_id"] in line + " "
-        STATE[host] = entry["program_id"]
     assert "clsact" in tc_qdiscs("rabbit1")
     # rabbit2's own filter is still first in line, and the limit holds behind it.
     assert "pref 1 bpf" in tc_filters("rabbit2")
     for host in HOSTS:
-        client = client_pool("aio-pika", fleet[host]["ipv6"], "first-" + host)
+        client = client_pool("aio-pika", clean[host]["ipv6"], "first-" + host)
         outcome = open_consumers(client, queues, CONFIG["limit"] + 1)
         assert outcome.count == CONFIG["limit"] and outcome.error.kind == "connection", outcome
 
 
-def test_second_run_changes_and_compiles_nothing(ansible, fleet):
+def test_second_run_changes_and_compiles_nothing(ansible, deployed):
     (results,) = ansible.play("rabbit", [task(LIMIT, **CONFIG)])
 
     for host, entry in eth0_of(results).items():
@@ -121,12 +134,12 @@ def test_second_run_changes_and_compiles_nothing(ansible, fleet):
         assert entry["action"] == "none"
         # The same program still runs: nothing was compiled or attached.
         assert entry["compiled"] is False
-        assert entry["program_id"] == STATE[host]
+        assert entry["program_id"] == deployed[host]
         (line,) = our_filter(host)
-        assert " id %d " % STATE[host] in line + " "
+        assert " id %d " % deployed[host] in line + " "
 
 
-def test_a_change_in_check_then_diff_mode(ansible, fleet):
+def test_a_change_in_check_then_diff_mode(ansible, deployed):
     before = dict((h, snapshot(h)) for h in HOSTS)
     changed = {"limit": CONFIG["limit"] + 3, "action": CONFIG["action"]}
 
@@ -142,21 +155,21 @@ def test_a_change_in_check_then_diff_mode(ansible, fleet):
             assert result["diff"]["before"]["host/eth0"]["limit"] == CONFIG["limit"]
             assert result["diff"]["after"]["host/eth0"]["limit"] == changed["limit"]
             assert result["diff"]["before"]["host/eth0"]["action"] == "reset"
-        assert checked[host]["interfaces"]["host"][IFACE]["program_id"] == STATE[host]
-        assert applied[host]["interfaces"]["host"][IFACE]["program_id"] != STATE[host]
+        assert checked[host]["interfaces"]["host"][IFACE]["program_id"] == deployed[host]
+        assert applied[host]["interfaces"]["host"][IFACE]["program_id"] != deployed[host]
         assert applied[host]["interfaces"]["host"][IFACE]["compiled"] is True
         # Check mode had touched nothing; the real run did.
         assert snapshot(host)["filters"] != before[host]["filters"]
 
 
-def test_absent_restores_traffic_and_leaves_no_trace(ansible, fleet, queues, client_pool):
+def test_absent_restores_traffic_and_leaves_no_trace(ansible, fleet, deployed, queues, client_pool):
     # Check mode first: it predicts the removal and removes nothing.
     before = dict((h, snapshot(h)) for h in HOSTS)
     (checked,) = ansible.play("rabbit", [task(LIMIT, state="absent", check=True, diff=True)])
     for host, result in checked.items():
         assert result["changed"] is True, result
         assert result["interfaces"]["host"][IFACE]["action"] == "remove"
-        assert result["diff"]["before"]["host/eth0"]["limit"] == CONFIG["limit"] + 3
+        assert result["diff"]["before"]["host/eth0"]["limit"] == CONFIG["limit"]
         assert result["diff"]["after"]["host/eth0"] is None
         assert snapshot(host) == before[host]
 
@@ -186,7 +199,7 @@ def test_absent_restores_traffic_and_leaves_no_trace(ansible, fleet, queues, cli
             assert outcome.count == 20 and outcome.error is None, (host, family, outcome)
 
 
-def test_absent_again_changes_nothing(ansible, fleet):
+def test_absent_again_changes_nothing(ansible, clean):
     before = dict((h, snapshot(h)) for h in HOSTS)
 
     (results,) = ansible.play("rabbit", [task(LIMIT, state="absent")])

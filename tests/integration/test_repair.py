@@ -10,6 +10,7 @@ repairs it (action repair, with the reason) and that the limit holds again.
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils._layout import LAYOUT_VERSION
 from tests.integration.common import (
     HANDLE,
     IFACE,
@@ -108,14 +109,18 @@ def test_a_filter_deleted_by_hand_is_repaired(ansible, deployed, queues, client_
 def test_pins_deleted_by_hand_are_repaired(ansible, deployed, queues, client_pool):
     run(HOST, ["rm", "-r", PIN_ROOT])
     assert pins(HOST) == []
-    # The filter keeps limiting on its own maps; the state is just not readable any more.
-    assert info(ansible, HOST)["limiters"] == []
+    # The filter keeps limiting on its own maps; info says the pins are gone (drift), not
+    # that nothing is deployed.
+    drifted = limiter_entry(info(ansible, HOST))
+    assert drifted["drift"] == "the filter is there but its pinned maps are gone", drifted
+    assert drifted["attached"] is False and isinstance(drifted["program_id"], int)
+    assert drifted["counters"] is None
 
     repair_run(ansible, ["pinned maps are gone"])
 
     pinned = pins(HOST)
     for name in MAPS:
-        assert "%s/v1/host/%s/%s" % (PIN_ROOT, IFACE, name) in pinned, pinned
+        assert "%s/v%d/host/%s/%s" % (PIN_ROOT, LAYOUT_VERSION, IFACE, name) in pinned, pinned
     assert limited(deployed, queues, client_pool, "pins-repaired")
     entry = limiter_entry(info(ansible, HOST))
     assert entry["attached"] is True and entry["config"]["limit"] == LIMIT

@@ -12,7 +12,9 @@ import tempfile
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _bpfsys,
     _compile,
+    _constants,
     _layout,
+    _pins,
     _render,
 )
 
@@ -33,13 +35,13 @@ class Dataplane:
         action="drop",
         port=5672,
         l2="ethernet",
-        frame_max=131072,
+        frame_max=_constants.DEFAULT_FRAME_MAX,
         template_path=None,
         force_skb_load_bytes=False,
     ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
-        self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_render.BPFFS_ROOT)
+        self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_constants.BPFFS_ROOT)
         try:
             self.config = _render.validate(port, limit, action, l2, self.pin_dir, frame_max)
             if force_skb_load_bytes:
@@ -104,14 +106,8 @@ class Dataplane:
         return out
 
     def counters(self):
-        per_cpu = _bpfsys.map_lookup_percpu(
-            self.map_fds["counters"], b"\x00" * 4, ctypes.sizeof(_layout.Counters)
-        )
-        total = dict.fromkeys((name for name, _t in _layout.Counters._fields_), 0)
-        for raw in per_cpu:
-            for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
-                total[name] += value
-        return total
+        """The counters as the info module reads them (the production reader)."""
+        return _pins.counters(self.pin_dir)
 
     def reset_state(self):
         """Empty the connection maps and zero the counters between tests."""

@@ -58,7 +58,9 @@ class ConnectionModel:
         cursor, refused, closed = self._apply(candidate, self.cursor, channels, counts)
         self.counts["refused"] += counts["refused"]
         if refused:
-            if self.action == "reset":
+            # The broker's TCP takes a RST only exactly at the next sequence number it
+            # expects (RFC 5961): any other refused segment is dropped, even with reset.
+            if self.action == "reset" and offset == len(self.stream):
                 self.reset_sent = True
                 self.channels = {}
                 return RST
@@ -84,7 +86,8 @@ class ConnectionModel:
             if cursor + 7 > len(data):
                 break
             frame_type, channel, size = struct.unpack_from(">BHI", data, cursor)
-            if frame_type not in _FRAME_TYPES or size > self.frame_max:
+            # AMQP's frame_max counts the 8 framing octets.
+            if frame_type not in _FRAME_TYPES or size + 8 > self.frame_max:
                 raise Malformed("frame at %d: type %d size %d" % (cursor, frame_type, size))
             end = cursor + 7 + size
             if frame_type == amqp.METHOD:
@@ -92,6 +95,11 @@ class ConnectionModel:
                     break
                 ids = struct.unpack_from(">HH", data, cursor + 7)
                 if ids == amqp.BASIC_CONSUME:
+                    # A consume the broker takes as a connection error is never counted.
+                    if channel == 0:
+                        raise Malformed("basic.consume on channel 0 at %d" % cursor)
+                    if end < len(data) and data[end] != amqp.FRAME_END:
+                        raise Malformed("basic.consume without its end octet at %d" % cursor)
                     if sum(channels.values()) >= self.limit:
                         counts["refused"] += 1
                         if self.action != "monitor":

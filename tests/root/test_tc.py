@@ -25,6 +25,7 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _tc
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
 try:
@@ -34,8 +35,8 @@ except ImportError:  # tests/conftest.py skips (fails in CI) bpf tests without B
 
 pytestmark = pytest.mark.bpf
 
-PREF = 49152
-HANDLE = 1
+PREF = C.FILTER_PREF
+HANDLE = 1  # not the limiter's: these tests attach programs of their own
 ADDR_A, ADDR_B = "198.18.9.1", "198.18.9.2"
 MAC_A, MAC_B = "02:00:c6:12:09:01", "02:00:c6:12:09:02"
 UDP_PORT = 47000

@@ -91,3 +91,35 @@ def test_malformed_streams_and_gaps_are_out_of_scope():
         client.send(amqp.heartbeat()[:-1] + b"\x00" + amqp.heartbeat())
     with pytest.raises(ValueError):
         client.send(amqp.consume(1), seq=client.seq + 10)
+
+
+def test_reset_only_exactly_at_the_next_sequence_number():
+    """RFC 5961: a refused segment that starts before the broker's next expected sequence
+    number (old bytes coalesced with the consume) would be an ignored RST: it is dropped."""
+    client = Client(ConnectionModel(limit=1, action="reset"))
+    start = client.seq
+    client.send(amqp.consume(1))
+    assert client.send(amqp.consume(1) + amqp.consume(2), seq=start) == DROP
+    assert client.send(amqp.consume(2)) == RST
+
+
+def test_frame_max_counts_the_framing_octets():
+    frame_max = 4096
+    payload = b"\x00\x3c\x00\x28" + b"\x00" * (frame_max - 8 - 4)
+    fits = Client(ConnectionModel(limit=1, frame_max=frame_max))
+    assert fits.send(amqp.frame(amqp.METHOD, 1, payload)) == PASS
+    too_large = Client(ConnectionModel(limit=1, frame_max=frame_max))
+    with pytest.raises(Malformed):
+        too_large.send(amqp.frame(amqp.METHOD, 1, payload + b"\x00"))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [amqp.consume(0), amqp.consume(1)[:-1] + b"\x00"],
+    ids=["channel-0", "wrong-end-octet"],
+)
+def test_malformed_consumes_are_never_counted(bad):
+    client = Client(ConnectionModel(limit=0))
+    with pytest.raises(Malformed):
+        client.send(bad)
+    assert client.model.counts["refused"] == 0

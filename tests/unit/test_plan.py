@@ -2,6 +2,7 @@
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _plan
 
 DIGEST = "ab" * 32
@@ -11,7 +12,7 @@ WANT = {
         "port": 5672,
         "limit": 3,
         "action": "drop",
-        "frame_max": 131072,
+        "frame_max": C.DEFAULT_FRAME_MAX,
         "l2": "ethernet",
         "pin_dir": "/sys/fs/bpf/x",
     },
@@ -89,7 +90,7 @@ def test_public_config_hides_internals():
         "port": 5672,
         "limit": 3,
         "action": "drop",
-        "frame_max": 131072,
+        "frame_max": C.DEFAULT_FRAME_MAX,
         "l2": "ethernet",
     }
     assert _plan.public_config(None) is None
@@ -99,10 +100,41 @@ def test_public_config_hides_internals():
     "name", ["eth0", "eth0.100", "br-lan", "wg_0", "vlan@x", "ens1f0np0", "naïve"]
 )
 def test_interface_names_become_bpffs_safe_and_come_back(name):
-    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _names, _render
 
-    component = _deploy.path_component(name)
+    component = _names.path_component(name)
     assert "." not in component and "/" not in component
-    assert _deploy.from_path_component(component) == name
+    assert _names.from_path_component(component) == name
     # ...and the pin path passes the renderer's validation.
-    _render.validate(5672, 1, "drop", "ethernet", "/sys/fs/bpf/rabbitguard/v1/host/" + component)
+    _render.validate(5672, 1, "drop", "ethernet", _names.pin_dir(C.DEFAULT_PIN_ROOT, "host", name))
+
+
+def test_maps_not_used_by_the_attached_program_are_a_repair():
+    found = dict(seen(_plan.filter_name(DIGEST)), maps_match=False)
+    assert _plan.plan_interface(found, WANT) == (_plan.REPAIR, _plan.MAPS_DIFFER)
+    assert _plan.drift(found) == _plan.MAPS_DIFFER
+
+
+@pytest.mark.parametrize(
+    "found, reason",
+    [
+        (seen(_plan.filter_name(DIGEST)), None),
+        (seen(_plan.filter_name(DIGEST), pins=False), _plan.PINS_GONE),
+        (seen(None), _plan.FILTER_GONE),
+        (dict(seen(None), exists=False), _plan.IFACE_GONE),
+        (seen("someone-else"), _plan.FOREIGN),
+        (seen(_plan.filter_name(OTHER)), _plan.CONFIG_GONE),
+        (seen(None, pins=False), None),
+    ],
+)
+def test_drift_names_what_disagrees(found, reason):
+    assert _plan.drift(found) == reason
+
+
+def test_every_filter_before_ours_is_a_warning():
+    u32 = {"pref": 1, "kind": "u32", "protocol": 3}  # dumped as its hash table and its node
+    found = {"shadows": [{"pref": 1, "kind": "bpf", "protocol": 3}, u32, dict(u32)]}
+    warning, other = _plan.shadow_warnings("eth0", found, 49152)
+    assert "eth0: a u32 filter at pref 1" in other
+    assert "eth0: a bpf filter at pref 1 (protocol 0x0003)" in warning
+    assert _plan.shadow_warnings("eth0", {"shadows": []}, 49152) == []

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
 
-PIN = "/sys/fs/bpf/rabbitguard/eth0"
+PIN = C.DEFAULT_PIN_ROOT + "/eth0"
 
 
 def render(**overrides):
@@ -68,3 +69,20 @@ def test_bad_values_are_refused_before_rendering(name, value, message):
 def test_limit_bounds_are_accepted():
     for limit in (0, 65535):
         assert _render.validate(1, limit, "monitor", "none", PIN)["limit"] == limit
+
+
+def test_the_c_enums_and_bounds_are_the_constants():
+    """The C side numbers actions as _constants.ACTIONS orders them (the pinned config map
+    stores that number), and walks MAX_FRAMES frames."""
+    source = render()
+    for number, action in enumerate(C.ACTIONS):
+        assert re.search(r"#define ACTION_%s\s+%d\b" % (action.upper(), number), source), action
+    assert re.search(r"#define MAX_FRAMES\s+%d\n" % C.MAX_FRAMES, source)
+    assert re.search(r"#define FRAME_MAX\s+%d\n" % C.DEFAULT_FRAME_MAX, source)
+
+
+def test_the_template_is_given_the_action_numbers():
+    config = _render.validate(5672, 1, "monitor", "ethernet", PIN)
+    values = _render.template_values(config)
+    assert values["action_code"] == C.ACTIONS.index("monitor")
+    assert values["action_codes"] == {name: i for i, name in enumerate(C.ACTIONS)}

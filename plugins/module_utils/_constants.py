@@ -1,0 +1,47 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Every default, enum and fixed number of the limiter, written once.
+
+The modules' argument specs, the boot program's defaults (_reattach), the classifier's
+rendered ``#define``s (through _render), the pinned layout (_layout) and the tests take
+their values from here; tests/fleet checks the tc_limiter role's defaults against it.
+"""
+
+from __future__ import annotations
+
+# What happens to a basic.consume over the limit. The order is the C enum's and the pinned
+# config map's (_layout encodes an action as its index here): append, never reorder.
+ACTIONS = ("drop", "reset", "monitor")
+# The link-layer header tc hands the classifier: Ethernet (loopback too), or none (tun, ...).
+L2_KINDS = ("ethernet", "none")
+STATES = ("present", "absent")
+
+DEFAULT_PORT = 5672
+DEFAULT_LIMIT = 10
+# The product defaults differ on purpose. The module refuses quietly (drop, as a firewall
+# would); the role, run on a fleet by people who want connections freed at once, resets.
+MODULE_DEFAULT_ACTION = "drop"
+ROLE_DEFAULT_ACTION = "reset"
+# RabbitMQ's own frame_max default.
+DEFAULT_FRAME_MAX = 131072
+FRAME_MAX_RANGE = (4096, 1 << 28)
+PORT_RANGE = (1, 65535)
+LIMIT_RANGE = (0, 65535)
+DEFAULT_LOCK_TIMEOUT = 120
+
+BPFFS_ROOT = "/sys/fs/bpf"
+DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"
+
+# Our slot on the clsact ingress hook: a fixed pref and handle, so a replace swaps our
+# filter in place and never adds a second one.
+FILTER_PREF = 49152
+FILTER_HANDLE = 0x5247
+# Frames walked per segment: a bounded loop the verifier unrolls, so it is not a user knob.
+MAX_FRAMES = 256
+
+# Serialises runs of the module and the boot program on one host. A directory only root can
+# write (made mode 0700, checked on every run): /run/lock is world-writable, where any local
+# user could take the lock first or put a directory or a symlink in its place.
+LOCK_DIR = "/run/rabbitguard"
+LOCK_NAME = "limiter.lock"

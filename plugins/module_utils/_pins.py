@@ -1,0 +1,232 @@
+# -*- coding: utf-8 -*-
+# Copyright: rabbitguard.limiter contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The pinned state: what is deployed (the config map), what the data plane knows
+(counters, connections), and removing pins. The pinned maps are the truth.
+
+The config map records what is deployed (with the digest of the rendered source); the tc
+filter's name carries the same digest, so the state check needs no compiler.
+"""
+
+from __future__ import absolute_import, annotations, division, print_function
+
+__metaclass__ = type
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from . import _bpfsys, _constants, _host, _layout, _names
+from ._errors import LimiterError
+
+_ZERO_KEY = b"\x00" * 4
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return []
+        raise LimiterError("listing %s: %s" % (path, e.strerror)) from e
+
+
+def pinned_namespaces(pin_root: str) -> list[str]:
+    return sorted(_listdir(_names.layout_root(pin_root)))
+
+
+def pinned_interfaces(pin_root: str, ns_key: str) -> list[str]:
+    return sorted(
+        _names.from_path_component(name)
+        for name in _listdir(_names.namespace_dir(pin_root, ns_key))
+    )
+
+
+def pins_present(pin: str) -> bool:
+    return all(os.path.exists(os.path.join(pin, name)) for name in _layout.MAP_NAMES)
+
+
+def _read_map(pin: str, name: str, key: bytes, value_type: Any, percpu: bool = False) -> Any:
+    path = os.path.join(pin, name)
+    with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+        if percpu:
+            return _bpfsys.map_lookup_percpu(fd, key, ctypes.sizeof(value_type))
+        return _bpfsys.map_lookup(fd, key, ctypes.sizeof(value_type))
+
+
+def read_config(pin: str) -> dict[str, Any] | None:
+    """The config pinned for one interface, or None if absent or never written."""
+    if not os.path.exists(os.path.join(pin, "config")):
+        return None
+    raw = _read_map(pin, "config", _ZERO_KEY, _layout.DeployedConfig)
+    value = _layout.decode(_layout.DeployedConfig, raw) if raw else None
+    if value is None or not any(value.digest):
+        return None
+    return {
+        "port": value.port,
+        "limit": value.limit,
+        "action": _constants.ACTIONS[value.action]
+        if value.action < len(_constants.ACTIONS)
+        else "unknown",
+        "l2": "ethernet" if value.ethernet else "none",
+        "frame_max": value.frame_max,
+        "digest": bytes(value.digest).hex(),
+        "created_clsact": bool(value.flags & _layout.FLAG_CREATED_CLSACT),
+    }
+
+
+def write_config(pin: str, config: dict[str, Any], digest: str, created_clsact: bool) -> None:
+    value = _layout.DeployedConfig(
+        port=config["port"],
+        limit=config["limit"],
+        action=_constants.ACTIONS.index(config["action"]),
+        ethernet=1 if config["l2"] == "ethernet" else 0,
+        frame_max=config["frame_max"],
+        flags=_layout.FLAG_CREATED_CLSACT if created_clsact else 0,
+    )
+    value.digest[:] = list(bytes.fromhex(digest))
+    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "config"))) as fd:
+        _bpfsys.map_update(fd, _ZERO_KEY, bytes(value))
+
+
+def map_ids(pin: str) -> dict[str, int | None]:
+    """{map name: kernel id} of the maps pinned for one interface (None: not pinned)."""
+    ids: dict[str, int | None] = {}
+    for name in _layout.MAP_NAMES:
+        path = os.path.join(pin, name)
+        if not os.path.exists(path):
+            ids[name] = None
+            continue
+        with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+            ids[name] = _bpfsys.map_info(fd)["id"]
+    return ids
+
+
+def program_uses_pins(pin: str, prog_id: int) -> bool:
+    """Whether the loaded program prog_id uses the maps pinned for this interface, each map
+    it uses by one of our names being the pinned one (a program compiled against other maps,
+    e.g. pins made again behind its back, counts nothing here). The program holds only the
+    maps its code uses (not the config map, which userspace alone reads)."""
+    prog_fd = _bpfsys.prog_get_fd_by_id(prog_id)
+    try:
+        used_ids = _bpfsys.prog_info(prog_fd)["map_ids"]
+    finally:
+        _bpfsys.close(prog_fd)
+    pinned = map_ids(pin)
+    checked = 0
+    for map_id in used_ids:
+        with _bpfsys.owned_fd(_bpfsys.map_get_fd_by_id(map_id)) as fd:
+            name = _bpfsys.map_info(fd)["name"]
+        if name in pinned:
+            checked += 1
+            if pinned[name] != map_id:
+                return False
+    return checked > 0
+
+
+def check_tree(pin_root: str) -> None:
+    """Every directory of the pin tree that exists is root's and no one else may write it.
+
+    Where bpffs is mounted without mode=700, a local user could make these directories
+    first and then delete or swap root's pins: refuse to use them."""
+    if not os.path.lexists(pin_root):
+        return
+    _host.check_private_dir(pin_root, "the pin directory")
+    layout = _names.layout_root(pin_root)
+    if not os.path.lexists(layout):
+        return
+    _host.check_private_dir(layout, "the pin directory")
+    for ns_key in _listdir(layout):
+        ns_dir = os.path.join(layout, ns_key)
+        _host.check_private_dir(ns_dir, "the pin directory")
+        for name in _listdir(ns_dir):
+            _host.check_private_dir(os.path.join(ns_dir, name), "the pin directory")
+
+
+# -- removing pins ------------------------------------------------------------------------
+
+
+def unpin(pin: str, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(pin, name)
+        try:
+            os.unlink(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise LimiterError("unpinning %s: %s" % (path, e.strerror)) from e
+
+
+def unpin_interface(pin: str) -> None:
+    """Remove one interface's pins and every parent directory left empty, up to the pin root."""
+    unpin(pin, _listdir(pin))
+    # The interface's directory, then its namespace's, the layout's and the pin root.
+    parents = [pin]
+    for _level in range(3):
+        parents.append(os.path.dirname(parents[-1]))
+    for directory in parents:
+        try:
+            os.rmdir(directory)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                break
+            raise LimiterError("removing %s: %s" % (directory, e.strerror)) from e
+
+
+# -- what the data plane knows ----------------------------------------------------------------
+
+
+def counters(pin: str) -> dict[str, int]:
+    """The counters map summed over CPUs, by field name."""
+    per_cpu = _read_map(pin, "counters", _ZERO_KEY, _layout.Counters, percpu=True) or []
+    return sum_counters(per_cpu)
+
+
+def sum_counters(per_cpu: list[bytes]) -> dict[str, int]:
+    """Per-CPU raw Counters values summed by field name."""
+    total = dict.fromkeys([field[0] for field in _layout.Counters._fields_], 0)
+    for raw in per_cpu:
+        for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
+            total[name] += value
+    return total
+
+
+def connections(pin: str) -> list[dict[str, Any]]:
+    """Live connections (closed and reset ones left out), with consumers per channel."""
+    key_size = ctypes.sizeof(_layout.ConnKey)
+    live: dict[bytes, dict[str, Any]] = {}
+    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "conns"))) as fd:
+        for raw_key in _bpfsys.map_keys(fd, key_size):
+            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ConnState))
+            if raw is None:
+                continue  # gone since the key was listed
+            state = _layout.decode(_layout.ConnState, raw)
+            if state.ended:
+                continue
+            key = _layout.decode(_layout.ConnKey, raw_key)
+            live[bytes(raw_key)] = {
+                "client": _layout.address_text(key.client_addr),
+                "client_port": key.client_port,
+                "broker": _layout.address_text(key.broker_addr),
+                "broker_port": key.broker_port,
+                "consumers": state.consumers,
+                "refused": state.refused,
+                "synced": bool(state.synced),
+                "channels": {},
+                "_epoch": state.epoch,
+            }
+    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "channels"))) as fd:
+        for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
+            conn = live.get(bytes(raw_key[:key_size]))
+            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ChanState))
+            if conn is None or raw is None:
+                continue
+            value = _layout.decode(_layout.ChanState, raw)
+            if value.epoch == conn["_epoch"] and value.consumers:
+                channel = _layout.decode(_layout.ChanKey, raw_key).channel
+                conn["channels"][str(channel)] = value.consumers
+    out = []
+    for conn in live.values():
+        del conn["_epoch"]
+        out.append(conn)
+    return sorted(out, key=lambda c: (-c["consumers"], c["client"], c["client_port"]))

@@ -1,0 +1,215 @@
+"""The TCP and AMQP defects of issue 7, item 1, one named test each, packet by packet.
+
+Each test failed on the classifier before its fix: what a real client's TCP (or a faulty
+or hostile one) sends, against what the broker's TCP and AMQP would accept. The limit is
+reached first where a consume let through would show.
+"""
+
+import struct
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout
+from tests.lib import amqp, packets
+from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
+
+pytestmark = pytest.mark.bpf
+
+
+def opened(dp, **kwargs):
+    flow = Flow(dp, **kwargs)
+    assert flow.handshake() == TC_ACT_OK
+    return flow
+
+
+def stray(flow, flags, offset, payload=b""):
+    """A segment at flow.seq + offset that leaves the flow's own sequence alone."""
+    seq = (flow.seq + offset) & 0xFFFFFFFF
+    return flow.dp.run(flow.packet(payload, seq=seq, flags=flags))[0]
+
+
+def at_the_limit(dp, limit=3, **kwargs):
+    flow = opened(dp, **kwargs)
+    for _i in range(limit):
+        assert flow.send(amqp.consume(1)) == TC_ACT_OK
+    return flow
+
+
+# -- faulty clients let through ------------------------------------------------------------
+
+
+def test_refused_consume_retransmitted_after_a_later_segment_is_refused_again(dp):
+    """drop: the client's TCP sends its next segment (a heartbeat) while the refused one
+    waits for retransmission; the broker queues it behind the hole. The retransmission of
+    the consume must be refused again, not skipped as already seen."""
+    flow = at_the_limit(dp)
+    hole = flow.seq
+    consume = amqp.consume(1)
+    assert flow.send(consume) == TC_ACT_SHOT
+    assert flow.send(amqp.heartbeat(), seq=hole + len(consume)) == TC_ACT_OK
+    assert flow.send(amqp.heartbeat() + amqp.consume(2), seq=hole + len(consume) + 8) == 0
+    for _i in range(3):
+        assert flow.send(consume, seq=hole) == TC_ACT_SHOT
+    assert flow.consumers() == 3
+    assert flow.channels() == {1: 3}
+
+
+@pytest.mark.parametrize(
+    "isn, first",
+    [
+        pytest.param(0, amqp.PROTOCOL_HEADER + amqp.consume(1) * 4, id="new-connection-isn-0"),
+        pytest.param(0x90000000, amqp.consume(1) * 4, id="older-connection-high-isn"),
+    ],
+)
+def test_refusal_in_the_first_segment_seen_sets_the_stream_position(dp, isn, first):
+    """The first segment seen of a connection (a new one, one that predates the limiter or
+    was evicted) is refused: later segments must still be walked from its position."""
+    flow = Flow(dp, isn=isn)
+    assert flow.send(first) == TC_ACT_SHOT
+    assert flow.send(first) == TC_ACT_SHOT  # the retransmission
+    state = flow.state()
+    assert state is not None and state.next_hdr == (isn + (8 if isn == 0 else 0)) & 0xFFFFFFFF
+    # Cut so that the three allowed consumes pass and the fourth comes alone.
+    assert flow.send(first[: -len(amqp.consume(1))]) == TC_ACT_OK
+    assert flow.consumers() == 3
+    assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
+
+
+def test_partial_retransmission_inside_a_stashed_header_keeps_the_stash(dp):
+    """A retransmission that ends inside the header being assembled, shorter than what was
+    stashed, must not shrink the stash: the next segment completes the header."""
+    flow = at_the_limit(dp)
+    start = flow.seq
+    consume = amqp.consume(4)
+    assert flow.send(consume[:6]) == TC_ACT_OK
+    assert flow.send(consume[:4], seq=start) == TC_ACT_OK
+    assert flow.state().stash_len == 6
+    assert flow.send(consume[6:], seq=start + 6) == TC_ACT_SHOT
+    assert flow.consumers() == 3
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [
+        pytest.param(1, id="in-window-not-exact"),
+        pytest.param(5000, id="ahead"),
+        pytest.param(-5000, id="behind"),
+        pytest.param(1 << 31, id="half-the-sequence-space"),
+    ],
+)
+@pytest.mark.parametrize("flags", [packets.RST, packets.RST | packets.ACK], ids=["rst", "rst-ack"])
+def test_rst_not_at_the_next_sequence_number_is_ignored(dp, flags, offset):
+    """RFC 5961: the broker's TCP resets only on a RST exactly at the next sequence number
+    it expects; it ignores any other (a challenge ACK at most). So must the limiter."""
+    flow = at_the_limit(dp)
+    assert stray(flow, flags, offset) == TC_ACT_OK
+    assert flow.consumers() == 3
+    assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
+    assert dp.counters()["conns_forgotten"] == 0
+
+
+def test_rst_at_the_next_sequence_number_after_reordering_forgets(dp):
+    """The next sequence number the broker expects is past segments that arrived out of
+    order once the hole before them is filled."""
+    flow = at_the_limit(dp)
+    hole = flow.seq
+    first, second = amqp.heartbeat(), amqp.heartbeat() * 2
+    assert flow.send(second, seq=hole + len(first)) == TC_ACT_OK  # ahead of a hole
+    assert flow.send(first, seq=hole) == TC_ACT_OK  # fills it
+    assert flow.send(flags=packets.RST, seq=hole + len(first) + len(second)) == TC_ACT_OK
+    assert flow.state() is None
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5000, -5000])
+def test_syn_on_a_live_connection_is_ignored(dp, offset):
+    """RFC 5961: a SYN on an established connection never resets it."""
+    flow = at_the_limit(dp)
+    assert stray(flow, packets.SYN, offset) == TC_ACT_OK
+    assert flow.consumers() == 3
+    assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("offset", [5000, -5000, 1 << 31])
+def test_fin_out_of_order_does_not_forget_the_connection(dp, offset):
+    """A FIN the broker's TCP would not take now (beyond a hole, or outside the window)."""
+    flow = at_the_limit(dp)
+    fin = packets.FIN | packets.ACK
+    assert stray(flow, fin, offset) == TC_ACT_OK
+    assert flow.consumers() == 3
+    assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
+
+
+def test_reset_refusal_ahead_of_a_gap_does_not_end_the_connection(dataplanes):
+    """reset: a RST ahead of a hole is ignored by the broker's TCP (RFC 5961), so the
+    segment is dropped instead, and the connection stays tracked: its retransmission, in
+    order, is then turned into the RST that ends it."""
+    dp = dataplanes(limit=1, action="reset")
+    flow = opened(dp)
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK
+    hole = flow.seq
+    lost = amqp.heartbeat()
+    ahead = flow.packet(amqp.consume(2), seq=hole + len(lost))
+    verdict, out = dp.run(ahead)
+    assert verdict == TC_ACT_SHOT
+    assert flow.state().ended == _layout.ENDED_NO
+    # Everything after it is still limited, and the hole filled, the retransmission resets.
+    assert flow.send(lost, seq=hole) == TC_ACT_OK
+    verdict, out = dp.run(ahead)
+    assert verdict == TC_ACT_OK and packets.tcp_flags(out) & packets.RST
+    assert flow.state().ended == _layout.ENDED_RESET
+
+
+def test_reset_refusal_of_a_retransmission_overlapping_passed_bytes_drops(dataplanes):
+    """reset: a segment that starts before the next sequence number (old bytes coalesced
+    with the refused consume) would be a RST the broker ignores: drop it instead."""
+    dp = dataplanes(limit=1, action="reset")
+    flow = opened(dp)
+    start = flow.seq
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK
+    assert flow.send(amqp.consume(1) + amqp.consume(2), seq=start) == TC_ACT_SHOT
+    assert flow.state().ended == _layout.ENDED_NO
+    verdict, out = dp.run(flow.packet(amqp.consume(2)))
+    assert verdict == TC_ACT_OK and packets.tcp_flags(out) & packets.RST
+
+
+# -- malformed consumes pass uncounted ------------------------------------------------------
+
+
+def malformed_consume_passes_uncounted(dp, segment):
+    flow = opened(dp)
+    assert flow.send(segment) == TC_ACT_OK
+    assert flow.consumers() == 0
+    counters = dp.counters()
+    assert (counters["consumes_allowed"], counters["consumes_refused"]) == (0, 0)
+    assert counters["unparsed"] == 1
+
+
+def test_consume_with_a_wrong_end_octet_passes_uncounted(dataplanes):
+    """The broker closes the connection on a frame without its end octet (501 FRAME_ERROR):
+    that consume never makes a consumer."""
+    bad = amqp.consume(1)[:-1] + b"\x00"
+    malformed_consume_passes_uncounted(dataplanes(limit=0, action="drop"), bad + amqp.heartbeat())
+
+
+def test_consume_on_channel_0_passes_uncounted(dataplanes):
+    """basic.consume on channel 0 is a connection error (504 CHANNEL_ERROR) at the broker."""
+    malformed_consume_passes_uncounted(dataplanes(limit=0, action="drop"), amqp.consume(0))
+
+
+def test_frame_larger_than_frame_max_passes_uncounted(dataplanes):
+    """AMQP's frame_max counts the 8 framing octets: a frame of frame_max - 7 payload
+    octets is one octet too large, and the broker closes the connection on it."""
+    frame_max = 4096
+    dp = dataplanes(limit=0, action="drop", frame_max=frame_max)
+    consume = amqp.consume(1)
+    args = consume[11:-1]
+    padded = args + b"\x00" * (frame_max - 7 - 4 - len(args))
+    payload = struct.pack(">HH", *amqp.BASIC_CONSUME) + padded
+    assert len(payload) == frame_max - 7
+    # The segment with its header is judged (a test packet holds at most a page).
+    malformed_consume_passes_uncounted(dp, amqp.frame(amqp.METHOD, 1, payload)[:100])
+    # One octet less is a frame of exactly frame_max octets: counted (and refused).
+    flow = opened(dp, client_port=40001)
+    ok = amqp.frame(amqp.METHOD, 1, payload[:-1])
+    assert len(ok) == frame_max
+    assert flow.send(ok[:100]) == TC_ACT_SHOT

@@ -1,0 +1,420 @@
+"""rabbit_tc_limit's contract, without root: check mode, `changed`, the diff, absent on a
+namespace that is gone, and failures with their details.
+
+Like community.general's test_modprobe, only the system layer is replaced: netlink (_tc's
+Tc, by a FakeTc holding interfaces and filters), the pinned maps (_pins, by a FakePins
+store), the compiler (_compile) and the host checks (_host). The module's own flow
+(_runner.run_limit -> _deploy.apply -> _plan) is the production code.
+"""
+
+import contextlib
+import os
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
+    _compile,
+    _deploy,
+    _host,
+    _names,
+    _pins,
+    _runner,
+    _tc,
+)
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
+from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
+
+PIN_ROOT = C.DEFAULT_PIN_ROOT
+
+
+class FakeTc:
+    """The host's interfaces, clsact qdiscs and ingress filters, as _tc.Tc shows them."""
+
+    def __init__(self, interfaces=("eth0",), default=("eth0",)):
+        self.interfaces = list(interfaces)
+        self.default = list(default)
+        self.clsact = set()
+        self.filters = {}  # ifname -> [filter dicts]
+        self.calls = []
+
+    def interface_index(self, name):
+        if name not in self.interfaces:
+            raise LimiterError("interface %s not found" % name)
+        return self.interfaces.index(name) + 1
+
+    def interface_exists(self, name):
+        return name in self.interfaces
+
+    def has_ethernet_header(self, name):
+        return True
+
+    def default_route_interfaces(self):
+        return list(self.default)
+
+    def list_filters(self, ifname):
+        return list(self.filters.get(ifname, []))
+
+    def find_filter(self, ifname, pref, handle):
+        found = [f for f in self.list_filters(ifname) if (f["pref"], f["handle"]) == (pref, handle)]
+        return found[0] if found else None
+
+    def ensure_clsact(self, ifname):
+        self.calls.append(("ensure_clsact", ifname))
+        if ifname in self.clsact:
+            return False
+        self.clsact.add(ifname)
+        return True
+
+    def remove_clsact_if_empty(self, ifname):
+        self.calls.append(("remove_clsact", ifname))
+        if self.filters.get(ifname):
+            return False
+        self.clsact.discard(ifname)
+        return True
+
+    def attach(self, ifname, prog_fd, name, pref, handle):
+        self.calls.append(("attach", ifname, name))
+        rest = [f for f in self.list_filters(ifname) if (f["pref"], f["handle"]) != (pref, handle)]
+        new = {"pref": pref, "handle": handle, "kind": "bpf", "protocol": _tc.ETH_P_ALL}
+        new.update(name=name, prog_id=prog_fd, direct_action=True)
+        self.filters[ifname] = sorted(rest + [new], key=lambda f: f["pref"])
+
+    def detach(self, ifname, pref, handle):
+        self.calls.append(("detach", ifname))
+        before = self.list_filters(ifname)
+        self.filters[ifname] = [f for f in before if (f["pref"], f["handle"]) != (pref, handle)]
+        return len(before) != len(self.filters[ifname])
+
+    def delete_filter(self, ifname, kind, protocol, pref, handle):
+        self.calls.append(("delete_filter", ifname, kind))
+        self.detach(ifname, pref, handle)
+
+
+class FakePins:
+    """bpffs under the pin root: {pin dir: pinned config (None: maps without a config)}."""
+
+    def __init__(self):
+        self.pinned = {}
+
+    def pinned_namespaces(self, pin_root):
+        root = _names.layout_root(pin_root) + "/"
+        n = len(root)
+        return sorted({p[n:].split("/")[0] for p in self.pinned if p.startswith(root)})
+
+    def pinned_interfaces(self, pin_root, ns_key):
+        root = _names.namespace_dir(pin_root, ns_key) + "/"
+        n = len(root)
+        return sorted(_names.from_path_component(p[n:]) for p in self.pinned if p.startswith(root))
+
+    def pins_present(self, pin):
+        return pin in self.pinned
+
+    def read_config(self, pin):
+        return self.pinned.get(pin)
+
+    def write_config(self, pin, config, digest, created_clsact):
+        self.pinned[pin] = dict(
+            {k: config[k] for k in ("port", "limit", "action", "l2", "frame_max")},
+            digest=digest,
+            created_clsact=created_clsact,
+        )
+
+    def unpin_interface(self, pin):
+        self.pinned.pop(pin, None)
+
+    def unpin(self, pin, names):
+        self.pinned.pop(pin, None)
+
+    def program_uses_pins(self, pin, prog_id):
+        return prog_id not in getattr(self, "foreign_maps", ())
+
+    def check_tree(self, pin_root):
+        pass
+
+    def compile_isolated(self, source, pin):
+        """BCC pins the maps (no config yet) and loads a program: its fd is its id here."""
+        self.pinned.setdefault(pin, None)
+        self.loaded = getattr(self, "loaded", 100) + 1
+        return self.loaded
+
+
+class Exit(Exception):
+    def __init__(self, failed, result):
+        super().__init__(result.get("msg"))
+        self.failed, self.result = failed, result
+
+
+class FakeModule:
+    """What _runner uses of AnsibleModule: params, check mode, diff mode, exit/fail."""
+
+    _name = "rabbit_tc_limit"
+
+    def __init__(self, check_mode=False, diff=True, **params):
+        self.params = dict(
+            state="present",
+            interfaces=None,
+            port=C.DEFAULT_PORT,
+            limit=C.DEFAULT_LIMIT,
+            action=C.MODULE_DEFAULT_ACTION,
+            frame_max=C.DEFAULT_FRAME_MAX,
+            netns=None,
+            pin_dir=PIN_ROOT,
+            kernel_headers=None,
+            lock_timeout=C.DEFAULT_LOCK_TIMEOUT,
+            _template=None,
+        )
+        self.params.update(params)
+        self.check_mode, self._diff = check_mode, diff
+
+    def exit_json(self, **result):
+        raise Exit(False, result)
+
+    def fail_json(self, **result):
+        raise Exit(True, result)
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """One FakeTc per namespace (None: the host's) and one FakePins; the rest is real."""
+    pins = FakePins()
+    namespaces = {None: FakeTc()}
+
+    @contextlib.contextmanager
+    def open_netns(netns=None):
+        if netns not in namespaces:
+            raise LimiterError("network namespace %s not found" % netns)
+        yield namespaces[netns]
+
+    monkeypatch.setattr(_tc, "open_netns", open_netns)
+    for name in ("pinned_namespaces", "pinned_interfaces", "pins_present", "read_config"):
+        monkeypatch.setattr(_pins, name, getattr(pins, name))
+    for name in ("write_config", "unpin_interface", "unpin", "program_uses_pins", "check_tree"):
+        monkeypatch.setattr(_pins, name, getattr(pins, name))
+    monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
+    monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
+    monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
+    monkeypatch.setattr(_host, "check_bpffs", lambda: None)
+    monkeypatch.setattr(_host, "host_lock", lambda timeout: contextlib.nullcontext())
+    monkeypatch.setattr(_host, "check_kernel_headers", lambda tree: tree)
+    monkeypatch.setattr(_runner, "check_root", lambda module: None)
+    monkeypatch.setattr(_runner, "ensure_python_libs", lambda module, names: None)
+    monkeypatch.setattr(_names, "resolve_namespace", lambda key: (key == _names.HOST_KEY, None))
+    pins.namespaces = namespaces
+    return pins
+
+
+def run(check_mode=False, **params):
+    with pytest.raises(Exit) as done:
+        _runner.run_limit(FakeModule(check_mode=check_mode, **params))
+    return done.value
+
+
+def state(pins):
+    """Everything the module could have changed: pins, filters, qdiscs."""
+    tcs = pins.namespaces
+    return (
+        {p: dict(c) if c else c for p, c in pins.pinned.items()},
+        {
+            ns: ({i: list(f) for i, f in tc.filters.items()}, set(tc.clsact))
+            for ns, tc in tcs.items()
+        },
+    )
+
+
+def entry(outcome, ifname="eth0", ns="host"):
+    return outcome.result["interfaces"][ns][ifname]
+
+
+def test_check_mode_predicts_the_create_and_changes_nothing(host):
+    before = state(host)
+    outcome = run(check_mode=True, limit=4)
+
+    assert not outcome.failed and outcome.result["changed"] is True
+    assert entry(outcome)["action"] == "create" and entry(outcome)["compiled"] is False
+    assert outcome.result["diff"] == {
+        "before": {"host/eth0": None},
+        "after": {
+            "host/eth0": {
+                "port": C.DEFAULT_PORT,
+                "limit": 4,
+                "action": C.MODULE_DEFAULT_ACTION,
+                "frame_max": C.DEFAULT_FRAME_MAX,
+                "l2": "ethernet",
+            }
+        },
+    }
+    assert state(host) == before
+    assert host.namespaces[None].calls == []
+
+
+def test_changed_exactly_when_the_plan_is_not_empty(host):
+    first = run(limit=4)
+    assert first.result["changed"] is True and entry(first)["action"] == "create"
+    assert entry(first)["compiled"] is True
+    (ours,) = host.namespaces[None].filters["eth0"]
+    assert (ours["pref"], ours["handle"]) == (C.FILTER_PREF, C.FILTER_HANDLE)
+    assert entry(first)["program_id"] == ours["prog_id"]
+
+    again = run(limit=4)
+    assert again.result["changed"] is False
+    assert entry(again) == dict(entry(first), action="none", compiled=False)
+    assert again.result["diff"]["before"] == again.result["diff"]["after"]
+
+    checked = run(check_mode=True, limit=4)
+    assert checked.result["changed"] is False and entry(checked)["action"] == "none"
+
+
+def test_a_change_is_a_replace_with_before_and_after_per_interface(host):
+    host.namespaces[None].interfaces.append("eth1")
+    run(limit=4, interfaces=["eth0", "eth1"])
+    before = state(host)
+
+    checked = run(check_mode=True, limit=6, interfaces=["eth0", "eth1"])
+    assert state(host) == before
+    applied = run(limit=6, interfaces=["eth0", "eth1"])
+
+    for outcome in (checked, applied):
+        assert outcome.result["changed"] is True
+        for label in ("host/eth0", "host/eth1"):
+            assert outcome.result["diff"]["before"][label]["limit"] == 4
+            assert outcome.result["diff"]["after"][label]["limit"] == 6
+    assert entry(checked)["program_id"] == before[1][None][0]["eth0"][0]["prog_id"]
+    assert entry(applied)["program_id"] != entry(checked)["program_id"]
+    assert state(host) != before
+
+
+def test_an_interface_dropped_from_the_list_is_removed(host):
+    host.namespaces[None].interfaces.append("eth1")
+    run(interfaces=["eth0", "eth1"])
+
+    outcome = run(interfaces=["eth0"])
+
+    assert outcome.result["changed"] is True
+    assert entry(outcome, "eth1")["action"] == "remove"
+    assert outcome.result["diff"]["after"]["host/eth1"] is None
+    assert host.namespaces[None].filters["eth1"] == []
+    assert host.pinned_interfaces(PIN_ROOT, "host") == ["eth0"]
+
+
+def test_absent_predicts_in_check_mode_then_removes_all_we_made(host):
+    run()
+    before = state(host)
+
+    checked = run(check_mode=True, state="absent")
+    assert checked.result["changed"] is True and entry(checked)["action"] == "remove"
+    assert checked.result["diff"]["after"] == {"host/eth0": None}
+    assert checked.result["diff"]["before"]["host/eth0"]["limit"] == C.DEFAULT_LIMIT
+    assert state(host) == before
+
+    removed = run(state="absent")
+    assert removed.result["changed"] is True
+    assert host.pinned == {} and host.namespaces[None].filters["eth0"] == []
+    assert host.namespaces[None].clsact == set()  # we made it, it is empty: gone
+
+    again = run(state="absent")
+    assert again.result == {"changed": False, "interfaces": {}, "diff": again.result["diff"]}
+
+
+def test_absent_on_a_namespace_that_is_gone_removes_its_pins(host):
+    host.namespaces["blue"] = FakeTc()
+    run(netns="blue")
+    del host.namespaces["blue"]  # `ip netns del blue`: its interfaces and filters went too
+    assert host.pinned_namespaces(PIN_ROOT) == ["netns-blue"]
+
+    checked = run(check_mode=True, state="absent")
+    assert entry(checked, ns="netns-blue")["action"] == "remove"
+    assert entry(checked, ns="netns-blue")["reason"] == "the namespace is gone"
+    assert host.pinned_namespaces(PIN_ROOT) == ["netns-blue"]
+
+    removed = run(state="absent")
+    assert removed.result["changed"] is True
+    assert removed.result["diff"]["before"]["netns-blue/eth0"]["limit"] == C.DEFAULT_LIMIT
+    assert host.pinned == {}
+
+
+def test_a_compile_failure_carries_the_compiler_output(host, monkeypatch):
+    def broken(source, pin):
+        raise LimiterError(
+            "compiling and loading the limiter (pins in %s): it failed: error: boom" % pin,
+            {"compiler_output": "line 1\nerror: boom\n"},
+        )
+
+    monkeypatch.setattr(_compile, "compile_isolated", broken)
+    outcome = run()
+
+    assert outcome.failed and "error: boom" in outcome.result["msg"]
+    assert outcome.result["stderr"] == "line 1\nerror: boom\n"
+    assert outcome.result["context"]["compiler_output"] == "line 1\nerror: boom\n"
+    assert host.pinned == {} and host.namespaces[None].filters.get("eth0", []) == []
+
+
+def test_a_bad_option_fails_before_anything_is_touched(host):
+    outcome = run(limit=70000)
+    assert outcome.failed and "limit must be between" in outcome.result["msg"]
+    assert outcome.result["changed"] is False and outcome.result["interfaces"] == {}
+    assert host.namespaces[None].calls == []
+
+
+def test_the_boot_program_takes_the_same_path(host):
+    """_reattach.reattach is _deploy.apply: the module then finds nothing to change."""
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _reattach, _render
+
+    params = dict(_reattach.DEFAULTS, limit=3, state="present")
+    done = _reattach.reattach(params, _render.read_template())
+    assert done == [("host", "eth0", "create", None)]
+    assert run(limit=3).result["changed"] is False
+
+
+def test_the_pin_store_fake_speaks_the_real_layout():
+    """FakePins reads names back the way _names writes them (an escaped VLAN name too)."""
+    pins = FakePins()
+    pins.pinned[_names.pin_dir(PIN_ROOT, "host", "eth0.100")] = None
+    assert pins.pinned_interfaces(PIN_ROOT, "host") == ["eth0.100"]
+    assert os.path.dirname(_names.pin_dir(PIN_ROOT, "host", "x")) == _names.namespace_dir(
+        PIN_ROOT, "host"
+    )
+
+
+def test_absent_with_the_netns_of_a_namespace_that_is_gone_removes_its_pins(host):
+    host.namespaces["gone"] = FakeTc()
+    run(netns="gone")
+    del host.namespaces["gone"]
+
+    outcome = run(state="absent", netns="gone")
+
+    assert not outcome.failed, outcome.result
+    assert entry(outcome, ns="netns-gone")["reason"] == "the namespace is gone"
+    assert host.pinned == {}
+
+
+def test_a_pin_dir_outside_bpffs_is_refused_for_every_state(host):
+    run()
+    before = state(host)
+    for params in (dict(), dict(state="absent"), dict(state="absent", interfaces=["eth0"])):
+        outcome = run(pin_dir="/tmp/rabbitguard", **params)
+        assert outcome.failed and "pin_dir must be a directory under" in outcome.result["msg"]
+    assert state(host) == before
+
+
+def test_a_filter_before_ours_is_a_warning(host):
+    tc = host.namespaces[None]
+    tc.filters["eth0"] = [
+        {"pref": 1, "handle": 1, "kind": "u32", "protocol": 3, "name": None, "prog_id": None}
+    ]
+    outcome = run()
+    (warning,) = outcome.result["warnings"]
+    assert "eth0: a u32 filter at pref 1" in warning and "bypasses the limiter" in warning
+    assert run().result["warnings"] == [warning]  # every run says so, changed or not
+
+
+def test_a_program_that_does_not_use_the_pins_is_repaired(host):
+    first = run()
+    host.foreign_maps = {entry(first)["program_id"]}
+
+    outcome = run()
+
+    assert outcome.result["changed"] is True
+    assert entry(outcome)["action"] == "repair"
+    assert entry(outcome)["reason"] == "the attached program does not use the pinned maps"
+    assert entry(outcome)["program_id"] != entry(first)["program_id"]
