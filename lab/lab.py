@@ -107,8 +107,10 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "/usr/bin/epmd"
 SSHD = "/usr/sbin/sshd"
-# Host directories replaced by a private per-host directory inside each lab host.
-PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq")
+# Host directories replaced by a private per-host directory inside each lab host. The last is
+# the limiter's runtime directory (its host lock): each lab host keeps its own, as real hosts
+# do, so that runs on different lab hosts never queue behind one another's lock.
+PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq", "/run/rabbitguard")
 
 SSHD_TIMEOUT = 10.0
 EPMD_TIMEOUT = 10.0
