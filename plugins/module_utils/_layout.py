@@ -17,7 +17,7 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
@@ -79,6 +79,7 @@ class Counters(ctypes.Structure):
             "conns_forgotten",
             "resyncs",
             "unparsed",
+            "held",
         )
     ]
 

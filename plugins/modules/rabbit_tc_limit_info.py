@@ -116,7 +116,8 @@ limiters:
       description:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
-          conns_forgotten, resyncs, unparsed.
+          conns_forgotten, resyncs, unparsed, held (strict mode: segments ahead of the
+          stream dropped to come again in order).
       type: dict
     connection_count:
       description: How many live client connections are tracked (only with O(connections=true)).

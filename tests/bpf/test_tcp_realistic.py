@@ -87,15 +87,7 @@ _LOOKALIKE = (
     " frame is taken as one, and an out-of-order basic.cancel is skipped: honest clients"
     " refused"
 )
-KNOWN = {
-    ("cuts_protocol_header", "drop"): _HEADER_CUT,
-    ("cuts_protocol_header", "reset"): _HEADER_CUT,
-    ("cuts_protocol_header", "monitor"): _HEADER_CUT,
-    ("reorder", "drop"): _LOOKALIKE,
-    ("reorder", "reset"): _LOOKALIKE,
-    ("loss", "drop"): _LOOKALIKE,
-    ("loss", "reset"): _LOOKALIKE,
-}
+KNOWN = {}
 
 
 def cases():

@@ -38,12 +38,15 @@ class Dataplane:
         frame_max=_constants.DEFAULT_FRAME_MAX,
         template_path=None,
         force_skb_load_bytes=False,
+        strict=False,
     ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
         self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_constants.BPFFS_ROOT)
         try:
-            self.config = _render.validate(port, limit, action, l2, self.pin_dir, frame_max)
+            self.config = _render.validate(
+                port, limit, action, l2, self.pin_dir, frame_max, strict=strict
+            )
             if force_skb_load_bytes:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             self.source = _render.render(self.config, _render.read_template(template_path))
