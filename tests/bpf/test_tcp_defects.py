@@ -317,6 +317,31 @@ def test_strict_holds_segments_beyond_a_refused_consume(dataplanes):
     assert flow.consumers() == 1
 
 
+def test_strict_reset_never_sends_a_rst_beyond_a_second_hole(dataplanes):
+    """strict, reset (harness seed 88194292300051): one range of out-of-order bytes is
+    followed, so a segment that would open a second hole is held; otherwise the holes
+    merge, the limiter takes a later segment for the one the broker expects next, and its
+    RST (ignored by the broker's TCP) ends the limiting."""
+    dp = dataplanes(limit=1, action="reset", strict=True)
+    flow = Flow(dp)
+    assert flow.send(flags=packets.SYN, seq=flow.seq - 1) == TC_ACT_OK
+    start = flow.seq
+    stream = amqp.PROTOCOL_HEADER + amqp.publish(1, b"x" * 300) + amqp.consume(1)
+    stream += amqp.consume(2)
+    # The protocol header is lost; the first 100 octets of the message arrive.
+    assert flow.send(stream[8:108], seq=start + 8) == TC_ACT_OK
+    # Octets 108..118 are lost too; 118..128, inside the body, would open a second hole.
+    assert flow.send(stream[118:128], seq=start + 118) == TC_ACT_SHOT
+    assert dp.counters()["held"] == 1
+    assert flow.send(stream[:8], seq=start) == TC_ACT_OK
+    # The rest, from 128 on: the broker still waits for 108, so no RST, a drop.
+    verdict, out = dp.run(flow.packet(stream[128:], seq=start + 128))
+    assert verdict == TC_ACT_SHOT
+    assert flow.state().ended == _layout.ENDED_NO
+    assert flow.send(stream[108:], seq=start + 108) == TC_ACT_OK
+    assert packets.tcp_flags(flow.last_out) & packets.RST
+
+
 # -- malformed consumes pass uncounted ------------------------------------------------------
 
 
