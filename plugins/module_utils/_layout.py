@@ -21,6 +21,7 @@ LAYOUT_VERSION = 3
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
+FLAG_STRICT = 2
 # DeployedConfig.action holds an action's index in _constants.ACTIONS (the C enum's order).
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
