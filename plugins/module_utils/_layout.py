@@ -35,6 +35,18 @@ class ConnKey(ctypes.Structure):
     ]
 
 
+# Channels kept in a connection's own entry (the C's CHAN_SLOTS); more go to "channels".
+CHAN_SLOTS = 8
+
+
+class ChanSlot(ctypes.Structure):
+    _fields_ = [
+        ("channel", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("consumers", ctypes.c_uint32),
+    ]
+
+
 class ConnState(ctypes.Structure):
     _fields_ = [
         ("epoch", ctypes.c_uint64),
@@ -51,7 +63,13 @@ class ConnState(ctypes.Structure):
         ("stash_len", ctypes.c_uint8),
         ("stash", ctypes.c_uint8 * 11),
         ("flags", ctypes.c_uint8),
+        ("chans", ChanSlot * CHAN_SLOTS),
     ]
+
+
+def slot_channels(state: ConnState) -> dict[int, int]:
+    """{channel: consumers} of the channels kept in a connection's entry."""
+    return {slot.channel: slot.consumers for slot in state.chans if slot.consumers}
 
 
 class ChanKey(ctypes.Structure):

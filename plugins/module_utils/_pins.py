@@ -214,7 +214,9 @@ def connections(pin: str) -> list[dict[str, Any]]:
                 "consumers": state.consumers,
                 "refused": state.refused,
                 "synced": bool(state.synced),
-                "channels": {},
+                "channels": {
+                    str(channel): n for channel, n in _layout.slot_channels(state).items()
+                },
                 "_epoch": state.epoch,
             }
     with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "channels"))) as fd:

@@ -5,11 +5,12 @@ or hostile one) sends, against what the broker's TCP and AMQP would accept. The 
 reached first where a consume let through would show.
 """
 
+import ctypes
 import struct
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout
 from tests.lib import amqp, packets
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
 
@@ -340,6 +341,68 @@ def test_strict_reset_never_sends_a_rst_beyond_a_second_hole(dataplanes):
     assert flow.state().ended == _layout.ENDED_NO
     assert flow.send(stream[108:], seq=start + 108) == TC_ACT_OK
     assert packets.tcp_flags(flow.last_out) & packets.RST
+
+
+# -- state that cannot leak ---------------------------------------------------------------
+
+
+def channel_entries(dp):
+    fd = dp.map_fds["channels"]
+    return list(_bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)))
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        pytest.param(lambda flow: flow.send(flags=packets.FIN | packets.ACK), id="fin"),
+        pytest.param(lambda flow: flow.send(flags=packets.RST), id="rst"),
+        pytest.param(lambda flow: flow.send(amqp.connection_close()), id="connection-close"),
+    ],
+)
+def test_channel_entries_go_with_their_connection(dp, end):
+    """Issue 7 item 5: channel entries of ended connections were never deleted, so under
+    churn the channels LRU evicted the entries of live, idle consumers. A connection's
+    channels are now kept in its own entry and end with it."""
+    flow = opened(dp)
+    assert flow.send(amqp.consume(1) + amqp.consume(2) + amqp.consume(2)) == TC_ACT_OK
+    assert flow.channels() == {1: 1, 2: 2}
+    assert channel_entries(dp) == []
+    end(flow)
+    assert flow.state() is None or flow.state().ended
+    assert channel_entries(dp) == []
+    assert flow.channels() == {}
+
+
+def test_channels_beyond_the_slots_overflow_to_the_map_and_leave_it(dataplanes):
+    """Channel n lives in slot n % 8 of its connection; a channel whose slot is taken goes
+    to the channels map, and leaves it when its last consumer goes."""
+    dp = dataplanes(limit=4, action="drop")
+    flow = opened(dp)
+    assert flow.send(amqp.consume(1) + amqp.consume(9) + amqp.consume(17)) == TC_ACT_OK
+    assert flow.channels() == {1: 1, 9: 1, 17: 1}
+    assert len(channel_entries(dp)) == 2
+    assert flow.send(amqp.cancel(9) + amqp.channel_close(17)) == TC_ACT_OK
+    assert flow.channels() == {1: 1}
+    assert channel_entries(dp) == []
+    # A refused segment undoes what it did in both places.
+    assert flow.send(amqp.consume(9) + amqp.consume(2) + amqp.consume(3) + amqp.consume(4)) == 2
+    assert flow.channels() == {1: 1}
+    assert channel_entries(dp) == []
+    assert flow.send(amqp.consume(9) + amqp.consume(2) + amqp.consume(3)) == TC_ACT_OK
+    assert flow.channels() == {1: 1, 9: 1, 2: 1, 3: 1}
+
+
+def test_an_adrift_connection_keeps_no_channels(dataplanes):
+    """A connection that goes adrift (bytes it sent reached the broker unwalked) is no
+    longer limited; its channels go at once."""
+    dp = dataplanes(limit=2, action="drop")
+    flow = opened(dp)
+    assert flow.send(amqp.consume(1) + amqp.consume(9)) == TC_ACT_OK
+    hole = flow.seq
+    assert flow.send(amqp.cancel(1), seq=hole + 8) == TC_ACT_OK
+    assert flow.send(amqp.heartbeat(), seq=hole) == TC_ACT_OK
+    assert flow.state().synced == 0
+    assert flow.channels() == {}
 
 
 # -- malformed consumes pass uncounted ------------------------------------------------------

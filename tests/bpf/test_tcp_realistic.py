@@ -155,12 +155,7 @@ def minimal_report(dp, fam, limit, action, seed, ops, failures, bars, mode):
 EVICTION_LIMIT = 4
 PRESSURE = 2  # churn: this many times what each map holds
 EVICTION_VICTIMS = int(os.environ.get("RG_TCP_VICTIMS", "24"))
-_CHURN = (
-    "issue 7: channel entries of ended connections are never deleted, so under churn the"
-    " channels LRU evicts the entries of long-lived, idle consumers and their later cancels"
-    " and closes are lost: honest clients refused"
-)
-EVICTION_KNOWN = {("ended", "drop"): _CHURN, ("ended", "reset"): _CHURN}
+EVICTION_KNOWN = {}
 _churn_cache = {}
 
 

@@ -95,7 +95,7 @@ class Dataplane:
             )
         )
         fd = self.map_fds["channels"]
-        out = {}
+        out = _layout.slot_channels(state)
         for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
             key = _layout.decode(_layout.ChanKey, raw_key)
             if bytes(key.conn) != want:
