@@ -10,7 +10,11 @@ import struct
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
+    _layout,
+    _render,
+)
 from tests.lib import amqp, packets
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
 
@@ -341,6 +345,25 @@ def test_strict_reset_never_sends_a_rst_beyond_a_second_hole(dataplanes):
     assert flow.state().ended == _layout.ENDED_NO
     assert flow.send(stream[108:], seq=start + 108) == TC_ACT_OK
     assert packets.tcp_flags(flow.last_out) & packets.RST
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_partial_retransmission_after_a_lost_sync_leaves_no_position_behind(dataplanes, strict):
+    """Found by bench/gro.py (strict, 200-byte publishes stalled): a segment of more frames
+    than the walk takes loses sync; a partial retransmission of it resumed the walk and left
+    the connection synced at a position behind what the broker has, so every later segment
+    was ahead of it: held for ever by strict, passed unwalked without it."""
+    dp = dataplanes(limit=1, action="drop", strict=strict)
+    flow = opened(dp)
+    start = flow.seq
+    many = amqp.heartbeat() * (_render.MAX_FRAMES + 20)
+    assert flow.send(many) == TC_ACT_OK
+    assert flow.state().synced == 0
+    assert flow.send(many[: len(many) - 40], seq=start) == TC_ACT_OK  # resumes, stops short
+    assert flow.state().synced == 0
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK  # in order, on a frame: rejoins
+    assert flow.state().synced == 1
+    assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
 
 
 # -- state that cannot leak ---------------------------------------------------------------
