@@ -8,7 +8,8 @@
 # Steps:
 #   1. scripts/setup-host.sh (root only; idempotent, seconds when nothing is missing)
 #   2. lint: ruff check, ruff format --check, yamllint, shellcheck, ansible-lint (when there are roles/playbooks),
-#      antsibull-changelog lint, ansible-test sanity (on the built collection)
+#      antsibull-changelog lint, ansible-test sanity (on the built collection, with each
+#      ansible-core of the CI matrix: tests/controller/ansible-core-versions.txt)
 #   3. pytest over tests/ (all markers: unit, bpf, integration), with a JUnit report
 #   4. Molecule scenarios, when extensions/molecule/ exists (`molecule test --all`)
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
@@ -86,25 +87,58 @@ run_lint() { # run_lint NAME COMMAND...
 
 # ansible-test needs the collection at .../ansible_collections/rabbitguard/limiter (a real
 # path: it resolves symlinks), so sanity runs on the built artifact, installed in a temp dir:
-# exactly what users get (no lab/, scripts/, bench/).
+# exactly what users get (no lab/, scripts/, bench/, tests/). The tarball is checked first:
+# only the collection's own content, no local state or build output.
+# ansible_test_sanity [BINDIR]: with the ansible-core of BINDIR (default: .venv's).
 # shellcheck disable=SC2317  # called through run_lint
 ansible_test_sanity() {
-    local tmp rc=0 pyver
+    local bindir=${1:-${VENV}/bin} tmp rc=0 pyver
+    if [[ ! -x ${bindir}/ansible-test ]]; then
+        log "ERROR: ${bindir}/ansible-test is missing: run 'sudo scripts/setup-host.sh' first"
+        return 1
+    fi
     tmp="$(mktemp -d /tmp/rabbitguard-sanity.XXXXXX)"
-    pyver="$("${PY}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    pyver="$("${bindir}/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     # Away from the repository's ansible.cfg, whose collections_path already holds the
     # collection (install would find nothing to do).
     (
         cd "${tmp}" && unset ANSIBLE_CONFIG \
-            && ansible-galaxy collection build --output-path "${tmp}" "${REPO}" \
-            && ansible-galaxy collection install --offline --force -p "${tmp}/install" \
+            && "${bindir}/ansible-galaxy" collection build --output-path "${tmp}" "${REPO}" \
+            && tarball_has_only_content "${tmp}"/rabbitguard-limiter-*.tar.gz \
+            && "${bindir}/ansible-galaxy" collection install --offline --force -p "${tmp}/install" \
                 "${tmp}"/rabbitguard-limiter-*.tar.gz \
             && cd "${tmp}/install/ansible_collections/rabbitguard/limiter" \
-            && ansible-test sanity --local --python "${pyver}"
+            && PATH="${bindir}:${PATH}" "${bindir}/ansible-test" sanity --local --python "${pyver}"
     ) || rc=$?
     rm -rf "${tmp}"
     return "${rc}"
 }
+
+# The tarball's top-level entries are the collection's content and nothing else (galaxy.yml
+# build_ignore): a new top-level name in the repository must be shipped or ignored on purpose.
+# shellcheck disable=SC2317  # called from ansible_test_sanity
+tarball_has_only_content() {
+    local extra
+    extra="$(tar tzf "$1" | cut -d/ -f1 | sort -u | grep -vxE \
+        'MANIFEST.json|FILES.json|README.md|LICENSE|LICENSES|changelogs|files|meta|playbooks|plugins|roles|tests' \
+        || true)"
+    # Of tests/, only ansible-test's sanity ignore files.
+    extra+="$(tar tzf "$1" | grep -E '^tests/.' | grep -vE '^tests/sanity(/|$)' || true)"
+    if [[ -n ${extra} ]]; then
+        log "ERROR: the collection tarball holds what build_ignore should leave out: ${extra//$'\n'/ }"
+        return 1
+    fi
+    extra="$(tar tzf "$1" | grep -E '(^|/)(__pycache__|\.mypy_cache|\.plugin-cache\.yaml|junit[^/]*\.xml)' || true)"
+    if [[ -n ${extra} ]]; then
+        log "ERROR: the collection tarball holds local state: ${extra//$'\n'/ }"
+        return 1
+    fi
+}
+
+# The ansible-core releases of the CI matrix (tests/controller/ansible-core-versions.txt), each
+# in a bare venv made by setup-host.sh: .venv-ansible-<major.minor>.
+mapfile -t ANSIBLE_MATRIX < <(grep -Ev '^[[:space:]]*(#|$)' "${REPO}/tests/controller/ansible-core-versions.txt")
+MAIN_ANSIBLE_CORE="$("${PY}" -c 'import importlib.metadata as m; print(m.version("ansible-core"))')"
 
 if skip_step RUN_TESTS_SKIP_LINT; then
     record lint skip "RUN_TESTS_SKIP_LINT=1"
@@ -125,6 +159,11 @@ else
     run_lint changelog antsibull-changelog lint
     if [[ -d plugins ]]; then
         run_lint sanity ansible_test_sanity
+        # And with every other release of the matrix (the main .venv has the newest).
+        for version in "${ANSIBLE_MATRIX[@]}"; do
+            [[ ${version} != "${MAIN_ANSIBLE_CORE}" ]] || continue
+            run_lint "sanity-${version%.*}" ansible_test_sanity "${REPO}/.venv-ansible-${version%.*}/bin"
+        done
     fi
 fi
 

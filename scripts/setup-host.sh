@@ -10,8 +10,12 @@
 #   3. bpffs mounted at /sys/fs/bpf.
 #   4. .venv in the repository (Debian's python3 with --system-site-packages, so it sees BCC
 #      and pyroute2), with requirements-dev.txt installed.
-#   5. .collections/ansible_collections/rabbitguard/limiter -> the repository, so Ansible and
-#      the tests find the collection by its name.
+#   5. collections/ansible_collections/rabbitguard/limiter -> the repository (committed; checked
+#      here), so Ansible and the tests find the collection by its name; and .collections, the
+#      old name of that directory, as a link to it (extensions/molecule and bench/ still use it).
+#   6. One venv per ansible-core release of the CI matrix (tests/controller/ansible-core-versions.txt),
+#      .venv-ansible-<major.minor>, with ansible-core from PyPI and nothing else (no system site
+#      packages): a bare controller, for the bare-controller tests and ansible-test sanity.
 #
 # Needs no network but the Debian and PyPI package registries.
 # Environment: SETUP_HOST_FORCE_APT=1 runs apt-get even when every package is installed.
@@ -336,13 +340,57 @@ setup_ansible_test_pip_bootstrap() {
 # 5. The collection under its name
 # --------------------------------------------------------------------------------------------
 setup_collection_link() {
-    local parent="${REPO}/.collections/ansible_collections/rabbitguard"
-    mkdir -p "${parent}"
-    # Relative, so the link survives moving the clone.
-    [[ "$(readlink "${parent}/limiter" 2>/dev/null || true)" == ../../.. ]] \
-        || ln -sfn ../../.. "${parent}/limiter"
+    local parent="${REPO}/collections/ansible_collections/rabbitguard"
+    # Committed to git; made again only if a checkout lost it. Relative, so the link survives
+    # moving the clone.
+    if [[ ! -L ${parent}/limiter ]]; then
+        mkdir -p "${parent}"
+        ln -sfn ../../.. "${parent}/limiter"
+    fi
     [[ -f ${parent}/limiter/galaxy.yml ]] || die "${parent}/limiter does not lead to the repository"
     log "collection: ${parent}/limiter -> ${REPO}"
+    # The old, untracked name of the same directory: a link, so both lead to the working tree.
+    local legacy="${REPO}/.collections"
+    if [[ -d ${legacy} && ! -L ${legacy} ]]; then
+        # The symlink tree that earlier versions of this script made: nothing else lives there.
+        rm -rf "${legacy}"
+    fi
+    [[ "$(readlink "${legacy}" 2>/dev/null || true)" == collections ]] || ln -sfn collections "${legacy}"
+}
+
+# --------------------------------------------------------------------------------------------
+# 6. Bare-controller venvs: ansible-core and nothing else, one per release of the CI matrix
+# --------------------------------------------------------------------------------------------
+ANSIBLE_MATRIX="${REPO}/tests/controller/ansible-core-versions.txt"
+
+setup_matrix_venvs() {
+    local version venv stamp
+    while read -r version; do
+        [[ -n ${version} && ${version} != \#* ]] || continue
+        venv="${REPO}/.venv-ansible-${version%.*}"
+        stamp="${venv}/.rabbitguard-ansible-core"
+        if [[ -x ${venv}/bin/ansible && -f ${stamp} && "$(cat "${stamp}")" == "${version}" ]] \
+            && grep -qx 'include-system-site-packages = false' "${venv}/pyvenv.cfg"; then
+            log "bare venv: ${venv} has ansible-core ${version}"
+        else
+            install_bare_venv "${venv}" "${version}"
+        fi
+        # ansible-test of this release bootstraps pip in its own venvs too.
+        VENV="${venv}" setup_ansible_test_pip_bootstrap
+    done <"${ANSIBLE_MATRIX}"
+}
+
+install_bare_venv() { # install_bare_venv DIR VERSION
+    local venv=$1 version=$2
+    rm -rf "${venv}"
+    log "bare venv: ${SYSTEM_PYTHON} -m venv ${venv}; pip install ansible-core==${version}"
+    "${SYSTEM_PYTHON}" -m venv "${venv}"
+    if ! "${venv}/bin/python" -m pip install --require-virtualenv -q "ansible-core==${version}" \
+        >"${venv}/pip-install.log" 2>&1; then
+        tail -n 40 "${venv}/pip-install.log" >&2
+        die "pip install ansible-core==${version} into ${venv} failed"
+    fi
+    printf '%s\n' "${version}" >"${venv}/.rabbitguard-ansible-core"
 }
 
 install_packages
@@ -351,4 +399,5 @@ setup_bpffs
 setup_venv
 setup_ansible_test_pip_bootstrap
 setup_collection_link
+setup_matrix_venvs
 log "done: activate with 'source .venv/bin/activate', or run scripts/run-tests.sh"

@@ -4,8 +4,8 @@
 """Test-suite wiring shared by every test under tests/.
 
 * Imports: the repository root is on sys.path (``import tests.lib...``), and so is
-  ``.collections``, where ``ansible_collections/rabbitguard/limiter`` is a symlink to the
-  repository: ``from ansible_collections.rabbitguard.limiter.plugins.module_utils import _x``.
+  ``collections``, where ``ansible_collections/rabbitguard/limiter`` is a committed symlink to
+  the repository: ``from ansible_collections.rabbitguard.limiter.plugins.module_utils import _x``.
 * Markers: ``bpf`` (root + BCC + bpffs + kernel headers: loads real programs) and
   ``integration`` (root + a real RabbitMQ). Where a marked test cannot run here it is skipped
   with the reason; under CI it fails with that reason instead.
@@ -22,7 +22,7 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLLECTIONS_DIR = os.path.join(REPO_ROOT, ".collections")
+COLLECTIONS_DIR = os.path.join(REPO_ROOT, "collections")
 COLLECTION_LINK = os.path.join(COLLECTIONS_DIR, "ansible_collections", "rabbitguard", "limiter")
 BPFFS = "/sys/fs/bpf"
 
@@ -36,14 +36,15 @@ def in_ci():
 # Import paths
 # ---------------------------------------------------------------------------------------------
 def _ensure_collection_link():
-    """Make .collections/ansible_collections/rabbitguard/limiter -> the repository root."""
+    """Check collections/ansible_collections/rabbitguard/limiter -> the repository root (committed;
+    made here if a checkout lost it)."""
     if not os.path.islink(COLLECTION_LINK):
         os.makedirs(os.path.dirname(COLLECTION_LINK), exist_ok=True)
         with contextlib.suppress(FileExistsError):  # made meanwhile by another process
             os.symlink(os.path.join("..", "..", ".."), COLLECTION_LINK)
     if not os.path.isfile(os.path.join(COLLECTION_LINK, "galaxy.yml")):
         raise pytest.UsageError(
-            "%s does not lead to the repository root; remove %s and run again"
+            "%s does not lead to the repository root; git checkout %s"
             % (COLLECTION_LINK, COLLECTIONS_DIR)
         )
 

@@ -17,7 +17,7 @@ from typing import Any
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
-_CFLAGS = []
+_CFLAGS: list[str] = []
 
 
 def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:

@@ -92,12 +92,18 @@ def drift(observed: dict[str, Any]) -> str | None:
 
 
 def shadow_warnings(ifname: str, observed: dict[str, Any], our_pref: int) -> list[str]:
-    """One warning per filter that runs before ours on the interface's ingress hook."""
+    """One warning per filter (pref, kind, protocol) that runs before ours on the interface's
+    ingress hook (a u32 filter dumps as several entries: its hash table and its nodes)."""
+    seen = []
+    for f in observed.get("shadows") or ():
+        key = (f["pref"], f.get("kind"), f.get("protocol") or 0)
+        if key not in seen:
+            seen.append(key)
     return [
         "%s: a %s filter at pref %d (protocol 0x%04x) runs before the limiter's (pref %d); "
         "if it returns a verdict, traffic bypasses the limiter"
-        % (ifname, f.get("kind"), f["pref"], f.get("protocol") or 0, our_pref)
-        for f in observed.get("shadows") or ()
+        % (ifname, kind, pref, proto, our_pref)
+        for pref, kind, proto in seen
     ]
 
 

@@ -6,7 +6,7 @@
 One lab of its own for the session (prefix ``rgi``, subnet 240, so that a developer's lab
 and the lab tests' ``rgt`` lab keep running): brought up once, taken down at the end even
 when tests fail. Modules run as Ansible runs them: ``ansible-playbook`` over SSH to the lab
-hosts, with the repository's ansible.cfg (collections from ``.collections``, which links to
+hosts, with the repository's ansible.cfg (collections from ``collections/``, which links to
 this working tree). ``RG_IT_COLLECTIONS_PATH`` points Ansible at another build of the
 collection instead (e.g. an exported release), for comparing.
 

@@ -85,7 +85,7 @@ def _which(tool):
 
 class Ansible:
     """ansible / ansible-playbook against one inventory, with the repository's ansible.cfg
-    (so ``rabbitguard.limiter.*`` resolves to this working tree through .collections)."""
+    (so ``rabbitguard.limiter.*`` resolves to this working tree through collections/)."""
 
     def __init__(self, inventory, workdir, collections_path=None, timeout=300):
         self.inventory, self.workdir, self.timeout = inventory, workdir, timeout
@@ -104,7 +104,7 @@ class Ansible:
             }
         )
         self.env["ANSIBLE_COLLECTIONS_PATH"] = collections_path or os.path.join(
-            REPO_ROOT, ".collections"
+            REPO_ROOT, "collections"
         )
         # The results of every task, unabridged (diff included), as JSON lines.
         plugins = os.path.join(workdir, "callback_plugins")

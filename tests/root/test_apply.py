@@ -213,6 +213,7 @@ def test_a_filter_before_ours_is_a_warning_and_default_headers_are_accepted(site
     result = _deploy.apply(site.params(kernel_headers=headers), template)
 
     assert only(result).action == "create"
+    assert len(result.warnings) == 1, result.warnings  # one filter, one warning
     (warning,) = result.warnings
     assert "a u32 filter at pref 1" in warning and "pref %d" % C.FILTER_PREF in warning
     (entry,) = site.info()
