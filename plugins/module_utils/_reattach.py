@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "pin_dir": _constants.DEFAULT_PIN_ROOT,
     "kernel_headers": None,
     "lock_timeout": _constants.DEFAULT_LOCK_TIMEOUT,
+    "overrides": [],
 }
 TEMPLATE_NAME = _render.TEMPLATE_NAME
 

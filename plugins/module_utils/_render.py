@@ -80,6 +80,7 @@ def validate(
         "frame_max": _integer("frame_max", frame_max, *_constants.FRAME_MAX_RANGE),
         "pin_dir": pin_dir,
         "max_frames": MAX_FRAMES,
+        "max_overrides": _constants.MAX_OVERRIDES,
     }
 
 
