@@ -124,7 +124,7 @@ options:
       - Per-source limits. A client connection from an address inside an entry's
         O(overrides[].source) may have O(overrides[].limit) consumers instead of O(limit);
         when several entries match, the longest prefix wins.
-      - Kept in a pinned map that the classifier reads at each C(basic.consume): changing
+      - Kept in a pinned map that the classifier reads at each C(basic.consume). Changing
         only the overrides compiles nothing and keeps the attached program (action
         V(update)); it applies from each connection's next C(basic.consume).
       - At most 1024 entries; a source may not be listed twice.
