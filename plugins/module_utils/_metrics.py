@@ -79,7 +79,7 @@ def _labels(labels: dict[str, Any]) -> str:
 
 def _counter_names(limiters: list[dict[str, Any]]) -> list[str]:
     """Every counter field: _layout's order, then any other an entry carries."""
-    names = [name for name, _ctype in _layout.Counters._fields_]
+    names = [field[0] for field in _layout.Counters._fields_]
     for entry in limiters:
         for name in entry.get("counters") or {}:
             if name not in names:

@@ -94,3 +94,17 @@ def test_metrics_mode_runs_without_ansible_and_refuses_bad_overrides(tmp_path):
     )
     assert proc.returncode == 1
     assert "overrides[0]: source 198.18.0.1/24 has host bits set" in proc.stderr
+
+
+def test_the_role_agrees_with_the_constants():
+    import yaml
+
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
+
+    with open(os.path.join(ROLE, "defaults", "main.yml")) as handle:
+        defaults = yaml.safe_load(handle)
+    with open(os.path.join(ROLE, "vars", "main.yml")) as handle:
+        internals = yaml.safe_load(handle)
+    assert defaults["tc_limiter_metrics_dir"] == C.DEFAULT_METRICS_DIR
+    assert internals["_tc_limiter_metrics_file"].endswith("/" + C.METRICS_FILE)
+    assert defaults["tc_limiter_overrides"] == []
