@@ -129,7 +129,7 @@ def test_an_overrides_change_is_a_map_update_with_the_same_program(
         ([{"source": "not-a-net", "limit": 3}], "overrides[0]: source 'not-a-net' is not a CIDR"),
         ([{"source": "198.18.0.0/24", "limit": 70000}], "overrides[0]: limit must be an integer"),
         ([{"source": "198.18.0.0/24"}], "limit found in overrides"),
-        ([{"source": "198.18.0.0/24", "limit": 1, "colour": 1}], "colour found in overrides"),
+        ([{"source": "198.18.0.0/24", "limit": 1, "colour": 1}], "overrides.colour"),
         ("198.18.0.0/24", "overrides"),
     ],
 )
