@@ -13,6 +13,8 @@ An observation of one interface (see _deploy.observe) is a dict:
               known, e.g. no filter or no pins)
     shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
+The config's "overrides" (per-source limits) are not in the rendered source, so not in the
+digest: when only they differ the plan is UPDATE (rewrite the pinned map, keep the program).
 """
 
 from __future__ import absolute_import, annotations, division, print_function
