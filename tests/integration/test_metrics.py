@@ -40,6 +40,7 @@ def samples(text):
 def scrape(ansible):
     result = info(ansible, HOST, format="prometheus", connections=False)
     assert result["limiters"][0]["connections"] == []  # the listing stays as asked
+    print(result["prometheus"])  # shown with -s, or when the test fails
     return samples(result["prometheus"])
 
 
