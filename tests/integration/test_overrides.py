@@ -145,3 +145,51 @@ def test_bad_overrides_fail_naming_the_option_and_change_nothing(ansible, lab_ho
     assert snapshot(HOST) == before
     assert limiter_entry(info(ansible, HOST))["config"]["overrides"] == overrides_before
     forget(HOST)
+
+
+def test_the_boot_program_restores_the_overrides(ansible, lab_hosts, tmp_path):
+    """A reboot (filter and pins gone), then the boot program with the stored configuration
+    the role writes: the overrides are back, and clients from the source get them."""
+    target = lab_hosts[HOST]
+    wanted = overrides_for_the_bridge(4, 5)
+    deploy(ansible, HOST, limit=DEFAULT, action="reset", overrides=wanted)
+    pyz = str(tmp_path / "rabbitguard-reattach.pyz")
+    builder = os.path.join(REPO, "roles", "tc_limiter", "files", "make_reattach_pyz.py")
+    subprocess.run([sys.executable, builder, pyz, REPO], check=True, capture_output=True)
+    config = tmp_path / "limiter.json"
+    config.write_text(
+        json.dumps(
+            {"limit": DEFAULT, "action": "reset", "overrides": wanted, "interfaces": ["eth0"]}
+        )
+    )
+    run(
+        HOST,
+        [
+            "tc",
+            "filter",
+            "del",
+            "dev",
+            "eth0",
+            "ingress",
+            "pref",
+            "49152",
+            "handle",
+            "0x5247",
+            "bpf",
+        ],
+    )
+    run(HOST, ["rm", "-rf", "/sys/fs/bpf/rabbitguard"])
+    forget(HOST)
+    assert "rabbitguard" not in snapshot(HOST)["filters"]
+
+    proc = run(HOST, ["/usr/bin/python3", "-I", pyz, str(config)])
+    assert "create" in proc.stdout, proc.stdout
+
+    entry = limiter_entry(info(ansible, HOST))
+    assert entry["attached"] is True and entry["config"]["overrides"] == wanted
+    assert consumers_from_root(target["ipv4"]) == 4
+    assert consumers_from_root(target["ipv6"]) == 5
+    again = ansible.run(
+        HOST, "rabbitguard.limiter.rabbit_tc_limit", limit=DEFAULT, action="reset", overrides=wanted
+    )
+    assert again["changed"] is False, again
