@@ -82,14 +82,29 @@ def normal(entries: dict[tuple[int, bytes], int]) -> Overrides:
     return sorted(out, key=_sort_key)
 
 
+def check_shape(value: Any) -> None:
+    """A list of dicts, or OverrideError naming `overrides`. The action plugin checks this on
+    the controller: Ansible's own conversion of a non-dict element fails with a message that
+    names no option."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise OverrideError(
+            "overrides must be a list of {source: CIDR, limit: N}, got %s %r"
+            % (type(value).__name__, value)
+        )
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise OverrideError(
+                "overrides[%d] must be a dict {source: CIDR, limit: N}, got %r" % (index, entry)
+            )
+
+
 def validate(value: Any) -> Overrides:
     """The option's value in normal form, or OverrideError naming `overrides`."""
     if value is None:
         return []
-    if not isinstance(value, list):
-        raise OverrideError(
-            "overrides must be a list of {source: CIDR, limit: N}, got %s" % type(value).__name__
-        )
+    check_shape(value)
     if len(value) > _constants.MAX_OVERRIDES:
         raise OverrideError(
             "overrides: at most %d entries, got %d" % (_constants.MAX_OVERRIDES, len(value))
@@ -99,10 +114,6 @@ def validate(value: Any) -> Overrides:
     first: dict[tuple[int, bytes], str] = {}
     for index, entry in enumerate(value):
         where = "overrides[%d]" % index
-        if not isinstance(entry, dict):
-            raise OverrideError(
-                "%s must be a dict {source: CIDR, limit: N}, got %r" % (where, entry)
-            )
         missing = [k for k in _KEYS if k not in entry]
         unknown = sorted(str(k) for k in entry if k not in _KEYS)
         if missing or unknown:
