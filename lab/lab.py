@@ -864,7 +864,9 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
     dirty = set()
     for host in hosts_:
         os.makedirs(host.dir, mode=0o755, exist_ok=True)
-        for path in cfg.extra_private_dirs:
+        # The broker's three are made below; every other private dir (/run/rabbitguard, and
+        # those RG_LAB_PRIVATE_DIRS adds) starts as a copy of the machine's.
+        for path in (p for p in cfg.private_dirs if p not in PRIVATE_DIRS[:3]):
             copy = host.private_dir(path)
             if not os.path.isdir(copy):
                 # The host starts from what this machine has there; then it is the host's own.
