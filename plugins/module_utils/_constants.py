@@ -37,6 +37,10 @@ DEFAULT_METRICS_DIR = "/var/lib/prometheus/node-exporter"
 METRICS_FILE = "rabbitguard_limiter.prom"
 # A connection is "near its limit" at this fraction of it or more (a metrics gauge).
 NEAR_LIMIT_FRACTION = (4, 5)
+# strict: segments that arrive ahead of the stream are dropped to come again in order, so
+# that reordering, hostile or not, never gets a consumer past the limit. Off by default:
+# it costs retransmissions where the network reorders (README, Modes).
+DEFAULT_STRICT = False
 
 BPFFS_ROOT = "/sys/fs/bpf"
 DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"

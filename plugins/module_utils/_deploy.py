@@ -115,6 +115,7 @@ def validate_options(params: Params) -> None:
         "ethernet",
         _constants.BPFFS_ROOT + "/check",
         params["frame_max"],
+        params["strict"],
     )
     _overrides.validate(params.get("overrides"))
 
@@ -172,6 +173,7 @@ def desire(
         l2_kind(tc, ifname),
         _names.pin_dir(pin_root, ns_key, ifname),
         params["frame_max"],
+        params["strict"],
     )
     source = _render.render(config, template)
     # Overrides live in a map, not in the source: they are not part of the digest, so

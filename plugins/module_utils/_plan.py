@@ -138,6 +138,6 @@ def public_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return dict(
         (key, config[key])
-        for key in ("port", "limit", "action", "frame_max", "l2", "overrides")
+        for key in ("port", "limit", "action", "frame_max", "strict", "l2", "overrides")
         if key in config
     )

@@ -115,7 +115,7 @@ limiters:
       type: str
     config:
       description:
-        - The deployed port, limit, action, frame_max and l2 (null when unknown), and
+        - The deployed port, limit, action, frame_max, strict and l2 (null when unknown), and
           overrides (the per-source limits, a list of source and limit).
       type: dict
     attached:
@@ -146,7 +146,8 @@ limiters:
       description:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
-          conns_forgotten, resyncs, unparsed.
+          conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
+          strict mode dropped, to come again in order).
       type: dict
     connection_count:
       description: How many live client connections are tracked (only with O(connections=true)).
@@ -162,8 +163,8 @@ limiters:
   sample:
     - namespace: host
       interface: eth0
-      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, l2: ethernet,
-               overrides: [{source: 198.18.0.0/24, limit: 50}]}
+      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, strict: false,
+               l2: ethernet, overrides: [{source: 198.18.0.0/24, limit: 50}]}
       attached: true
       drift: null
       warnings: []
