@@ -130,7 +130,8 @@ def test_an_overrides_change_is_a_map_update_with_the_same_program(
         ([{"source": "198.18.0.0/24", "limit": 70000}], "overrides[0]: limit must be an integer"),
         ([{"source": "198.18.0.0/24"}], "limit found in overrides"),
         ([{"source": "198.18.0.0/24", "limit": 1, "colour": 1}], "overrides.colour"),
-        ("198.18.0.0/24", "overrides"),
+        ("198.18.0.0/24", "overrides must be a list of {source: CIDR, limit: N}, got str"),
+        (["198.18.0.0/24"], "overrides[0] must be a dict {source: CIDR, limit: N}"),
     ],
 )
 def test_bad_overrides_fail_naming_the_option_and_change_nothing(ansible, lab_hosts, bad, words):
