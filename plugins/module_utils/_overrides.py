@@ -89,9 +89,11 @@ def check_shape(value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, list):
+        # str/dict by name: Ansible hands tagged subclasses of them (_AnsibleTaggedStr).
+        kind = next((t.__name__ for t in (str, dict, int) if isinstance(value, t)), None)
         raise OverrideError(
             "overrides must be a list of {source: CIDR, limit: N}, got %s %r"
-            % (type(value).__name__, value)
+            % (kind or type(value).__name__, str(value))
         )
     for index, entry in enumerate(value):
         if not isinstance(entry, dict):
