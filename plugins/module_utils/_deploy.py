@@ -20,7 +20,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, cast
 
-from . import _bpfsys, _compile, _constants, _host, _layout, _names, _pins, _plan, _render, _tc
+from . import (
+    _bpfsys,
+    _compile,
+    _constants,
+    _host,
+    _layout,
+    _names,
+    _overrides,
+    _pins,
+    _plan,
+    _render,
+    _tc,
+)
 from ._errors import LimiterError
 
 # typing.Dict: these aliases are evaluated at import, on managed hosts' Python 3.8 too.
@@ -105,6 +117,7 @@ def validate_options(params: Params) -> None:
         params["frame_max"],
         params["strict"],
     )
+    _overrides.validate(params.get("overrides"))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -163,6 +176,9 @@ def desire(
         params["strict"],
     )
     source = _render.render(config, template)
+    # Overrides live in a map, not in the source: they are not part of the digest, so
+    # changing them alone plans an update, not a compile.
+    config["overrides"] = _overrides.validate(params.get("overrides"))
     return source, {"config": config, "digest": _render.source_digest(source)}
 
 
@@ -196,8 +212,11 @@ def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Obs
     new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
     prog_fd = None
+    overrides_before = (observed.get("config") or {}).get("overrides")
     try:
         prog_fd = _compile.compile_isolated(source, pin)
+        # Before the attach, so that the new program limits by source from its first packet.
+        _overrides.sync(pin, config.get("overrides") or [])
         created_clsact = tc.ensure_clsact(ifname)
         _clear_foreign(tc, ifname, observed.get("filter"))
         tc.attach(
@@ -210,6 +229,8 @@ def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Obs
     except Exception:
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
+        if _overrides.MAP_NAME not in new_pins and overrides_before is not None:
+            _overrides.sync(pin, overrides_before)  # the old program keeps its overrides
         if len(new_pins) == len(_layout.MAP_NAMES):
             _pins.unpin_interface(pin)  # nothing was here: leave no directory either
         else:
@@ -438,6 +459,8 @@ def _act(
             if action in BUILDS and want is not None:  # a build is always of something wanted
                 outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen)
                 outcome.compiled = True
+            elif action == _plan.UPDATE and want is not None:
+                _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
             elif action == _plan.REMOVE:
                 remove(tc, ifname, seen)
         result.outcomes.append(outcome)
