@@ -1,8 +1,8 @@
 """A pure-Python reference model of the limiter's accounting: the oracle for the BPF program.
 
-It is written from the semantics in DESIGN.md, not from the C: it keeps the whole byte
-stream the broker has accepted, re-assembled by sequence number, and applies each frame
-once, when the bytes that identify it (the 7-octet header, and the class and method ids
+It is written from the semantics (the README's "How it works"), not from the C: it keeps
+the whole byte stream the broker has accepted, re-assembled by sequence number, and applies
+each frame once, when the bytes that identify it (the 7-octet header, and the class and method ids
 of a method frame) have all arrived. A segment that is refused adds nothing: not its
 bytes, not its frames.
 

@@ -1,4 +1,4 @@
-"""The reference model on its own: the semantics of DESIGN.md, stated in Python."""
+"""The reference model on its own: the limiter's semantics, stated in Python."""
 
 import pytest
 
