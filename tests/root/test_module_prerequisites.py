@@ -69,6 +69,9 @@ def filters():
 
 @pytest.fixture(scope="module")
 def host():
+    # A run killed half-way can leave both behind; a namespace still held by a process lives
+    # on after `ip netns del`, and so does the veth pair in it.
+    subprocess.run(["ip", "link", "del", "rgpre0"], stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
     subprocess.run(
