@@ -75,7 +75,9 @@ def load_config(path: str) -> dict[str, Any]:
             % (path, ", ".join(unknown), ", ".join(sorted(DEFAULTS)))
         )
     params = dict(DEFAULTS)
-    params.update((key, value) for key, value in stored.items() if value is not None)
+    # An unset option may be stored as null or, by ansible-core before 2.19 (whose templates
+    # render none as an empty string), as "": both mean "not set".
+    params.update((key, value) for key, value in stored.items() if value not in (None, ""))
     if params["interfaces"] is not None and (
         not isinstance(params["interfaces"], list)
         or not all(isinstance(i, str) and i for i in params["interfaces"])

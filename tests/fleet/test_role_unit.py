@@ -96,6 +96,15 @@ def test_load_config_fills_in_the_module_defaults(tmp_path):
     assert params["pin_dir"] == "/sys/fs/bpf/rabbitguard"
 
 
+def test_load_config_takes_empty_strings_as_unset(tmp_path):
+    # ansible-core 2.17 renders the role's `none` as "" in the stored configuration.
+    path = tmp_path / "limiter.json"
+    path.write_text(json.dumps({"limit": 5, "interfaces": "", "netns": "", "kernel_headers": ""}))
+    params = _reattach.load_config(str(path))
+    assert params["interfaces"] is None and params["netns"] is None
+    assert params["kernel_headers"] is None and params["limit"] == 5
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

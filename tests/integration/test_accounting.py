@@ -152,6 +152,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
         "frame_max": C.DEFAULT_FRAME_MAX,
         "strict": C.DEFAULT_STRICT,
         "l2": "ethernet",
+        "overrides": [],
     }
     conn = connection_of(entry, consumer)
     assert conn == {
