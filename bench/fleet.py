@@ -38,7 +38,12 @@ sys.path.insert(0, ROOT)
 import lab  # noqa: E402 - the repository's lab/ package
 
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-PRIVATE_DIRS = ("/etc/rabbitguard", "/usr/local/lib/rabbitguard", "/etc/systemd/system")
+PRIVATE_DIRS = (
+    "/etc/rabbitguard",
+    "/usr/local/lib/rabbitguard",
+    "/etc/systemd/system",
+    "/var/lib/prometheus",
+)
 TARGET_NOCHANGE = 5.0
 TARGET_FIRST = 15.0
 RECAP = re.compile(

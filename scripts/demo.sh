@@ -19,7 +19,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LIMIT="${DEMO_LIMIT:-5}"
 ACTION="${DEMO_ACTION:-reset}"
 # Directories the role writes on a host: each lab host gets a private copy of them.
-export RG_LAB_PRIVATE_DIRS="/etc/rabbitguard:/usr/local/lib/rabbitguard:/etc/systemd/system"
+export RG_LAB_PRIVATE_DIRS="/etc/rabbitguard:/usr/local/lib/rabbitguard:/etc/systemd/system:/var/lib/prometheus"
 
 step() { printf '\n\033[1m==== %s\033[0m\n' "$*"; }
 die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
