@@ -161,6 +161,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
         "broker": limited["ipv4"],
         "broker_port": C.DEFAULT_PORT,
         "consumers": LIMIT,
+        "limit": LIMIT,
         "channels": {str(ch1): 2, str(ch2): 1},
         "refused": 0,
         "synced": True,
