@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 import lab
+from tests.lab.common import Log, ssh
 
 pika = pytest.importorskip("pika")
 
@@ -24,11 +25,6 @@ CFG = lab.Config(prefix="rgt", subnet=250, state_dir="/run/rabbitguard-lab-rgt")
 N = 2
 
 
-class Log(list):
-    def __call__(self, msg):
-        self.append(msg)
-
-
 @pytest.fixture(scope="module")
 def hosts():
     lab.down(cfg=CFG, log=Log())  # leftovers of an interrupted run
@@ -36,27 +32,6 @@ def hosts():
         yield lab.up(n=N, cfg=CFG, log=Log())
     finally:
         lab.down(cfg=CFG, log=Log())
-
-
-def ssh(host, command, addr=None):
-    argv = [
-        "ssh",
-        "-i",
-        host["ssh_key"],
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=5",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "LogLevel=ERROR",
-        f"root@{addr or host['ipv4']}",
-        command,
-    ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def command(*argv):

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import lab
+from tests.lab.common import Log, ssh
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +21,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 CFG = lab.Config(prefix="rgs", subnet=249, state_dir="/run/rabbitguard-lab-rgs")
 N = 5
 BROKERS = 2
-
-
-class Log(list):
-    def __call__(self, msg):
-        self.append(msg)
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +39,6 @@ def lab_env():
         RG_LAB_SUBNET=str(CFG.subnet),
         RG_LAB_STATE_DIR=CFG.state_dir,
     )
-
-
-def ssh(host, command, addr):
-    argv = [
-        "ssh",
-        "-i",
-        host["ssh_key"],
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=5",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "LogLevel=ERROR",
-        f"root@{addr}",
-        command,
-    ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def amqp_answers(addr):
