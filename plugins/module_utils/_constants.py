@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # What happens to a basic.consume over the limit. The order is the C enum's and the pinned
 # config map's (_layout encodes an action as its index here): append, never reorder.
-ACTIONS = ("drop", "reset", "monitor")
+ACTIONS = ("drop", "reset", "monitor", "refuse")
 # The link-layer header tc hands the classifier: Ethernet (loopback too), or none (tun, ...).
 L2_KINDS = ("ethernet", "none")
 STATES = ("present", "absent")
