@@ -20,9 +20,10 @@ STATES = ("present", "absent")
 DEFAULT_PORT = 5672
 DEFAULT_LIMIT = 10
 # The product defaults differ on purpose. The module refuses quietly (drop, as a firewall
-# would); the role, run on a fleet by people who want connections freed at once, resets.
+# would); the role, run on a fleet by people who want the faulty client told and its other
+# channels kept, refuses the one consume with a channel error (refuse).
 MODULE_DEFAULT_ACTION = "drop"
-ROLE_DEFAULT_ACTION = "reset"
+ROLE_DEFAULT_ACTION = "refuse"
 # RabbitMQ's own frame_max default.
 DEFAULT_FRAME_MAX = 131072
 FRAME_MAX_RANGE = (4096, 1 << 28)

@@ -90,8 +90,17 @@ options:
       - V(reset) turns it into a TCP RST to the broker, which frees the connection at once;
         the client then gets a RST from the host.
       - V(monitor) refuses nothing, and counts what it would have refused.
+      - V(refuse) rewrites that consume's queue name in place (same length) to one no client
+        can have declared (C(amq.rabbitguard.consumer-limit-refused), cut or padded with
+        C(-); NUL octets for a name of 1 to 3 octets), so the broker closes that channel
+        alone with 404 NOT_FOUND; the connection and its other channels keep working, and
+        the channel is freed when the client confirms the close. Retransmissions are
+        rewritten the same way. Where no rewrite is possible (an empty queue name, the
+        name's length octet not in the segment, over-limit consumes on two channels in one
+        segment) the segment is dropped as with V(drop) and counted (C(refuse_fallbacks)
+        in M(rabbitguard.limiter.rabbit_tc_limit_info)).
     type: str
-    choices: [drop, reset, monitor]
+    choices: [drop, reset, monitor, refuse]
     default: drop
   frame_max:
     description:

@@ -20,7 +20,7 @@ REFUSED = b"amq.rabbitguard.consumer-limit-refused"
 
 def refused_name(length):
     if length < 4:
-        return b"\xff" * length
+        return b"\x00" * length
     return (REFUSED + b"-" * 255)[:length]
 
 
@@ -149,7 +149,7 @@ def test_two_refusals_on_two_channels_in_one_segment_fall_back_to_a_drop(rdp):
     assert flow.send(consume(2, b"q1") + consume(3, b"q2")) == TC_ACT_SHOT
     # On one channel, one rewrite is enough: the broker ignores the channel after the 404.
     assert flow.send(consume(2, b"q1") + consume(2, b"q2")) == TC_ACT_OK
-    assert payload_of(flow.last_out) == consume(2, b"\xff\xff") + consume(2, b"q2")
+    assert payload_of(flow.last_out) == consume(2, b"\x00\x00") + consume(2, b"q2")
     assert flow.consumers() == 3
 
 

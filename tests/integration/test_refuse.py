@@ -71,8 +71,9 @@ def test_refuse_closes_only_the_channel(ansible, lab_hosts, client_pool, library
 
 @pytest.mark.parametrize("queue", ["rq", "r"])
 def test_refuse_on_a_short_queue_name(ansible, lab_hosts, client_pool, queue):
-    """Names under 4 octets cannot become "amq....": they become 0xff octets, not UTF-8,
-    which the broker does not find either."""
+    """Names under 4 octets cannot become "amq....": they become NUL octets, which the
+    broker does not find either (and which must stay valid UTF-8: 0xff octets make the
+    broker close the whole connection with 501 FRAME_ERROR)."""
     ensure(ansible, HOST, limit=LIMIT, action="refuse")
     addr = lab_hosts[HOST]["ipv4"]
     clients.declare_queues(addr, [queue])
