@@ -30,6 +30,8 @@ FRAME_MAX_RANGE = (4096, 1 << 28)
 PORT_RANGE = (1, 65535)
 LIMIT_RANGE = (0, 65535)
 DEFAULT_LOCK_TIMEOUT = 120
+# At attach, the broker's consumer counts are written into the maps (module_utils/_seed).
+DEFAULT_SEED_FROM_BROKER = True
 
 BPFFS_ROOT = "/sys/fs/bpf"
 DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"

@@ -20,7 +20,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, cast
 
-from . import _bpfsys, _compile, _constants, _host, _layout, _names, _pins, _plan, _render, _tc
+from . import (
+    _bpfsys,
+    _compile,
+    _constants,
+    _host,
+    _layout,
+    _names,
+    _pins,
+    _plan,
+    _render,
+    _seed,
+    _tc,
+)
 from ._errors import LimiterError
 
 # typing.Dict: these aliases are evaluated at import, on managed hosts' Python 3.8 too.
@@ -104,6 +116,7 @@ def validate_options(params: Params) -> None:
         _constants.BPFFS_ROOT + "/check",
         params["frame_max"],
     )
+    _seed.validate_node(params.get("broker_node"))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -332,6 +345,8 @@ def _present(
             if tree is not None:
                 os.environ["BCC_KERNEL_SOURCE"] = tree
         _act(tc, ns_key, actions, observed, desired, sources, check_mode, result)
+        if not check_mode:
+            result.warnings += _seed.seed_built(tc, params, result.outcomes)
 
 
 def _label(ns_key: str, ifname: str) -> str:

@@ -128,6 +128,23 @@ options:
     description: Seconds to wait for another run of this module on the same host.
     type: int
     default: 120
+  seed_from_broker:
+    description:
+      - When the program is attached (or replaced), ask the broker (C(rabbitmqctl
+        list_connections) and C(list_channels), inside O(netns) when given) how many consumers
+        each client connection already holds, and start counting from there, so that a
+        connection older than the limiter keeps its count when the classifier joins its stream
+        (at its first well-formed frame). Connections the limiter already follows keep their
+        own counts.
+      - No C(rabbitmqctl), or a broker that does not answer, is a warning; counting then starts
+        at zero and the run does not fail.
+    type: bool
+    default: true
+  broker_node:
+    description:
+      - The RabbitMQ node that O(seed_from_broker) asks (C(rabbitmqctl -n)), a node name such
+        as V(rabbit@hostname). Default - the node C(rabbitmqctl) uses on the host.
+    type: str
 notes:
   - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
     is created only if missing, and removed on O(state=absent) only if this module created it
@@ -215,6 +232,8 @@ def build_module():
             pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             kernel_headers=dict(type="path"),
             lock_timeout=dict(type="int", default=C.DEFAULT_LOCK_TIMEOUT),
+            broker_node=dict(type="str"),
+            seed_from_broker=dict(type="bool", default=C.DEFAULT_SEED_FROM_BROKER),
             # Internal, not a user option (so not in DOCUMENTATION): the action plugin sends
             # the classifier's template, read from the collection on the controller.
             _template=dict(type="str", no_log=True),
