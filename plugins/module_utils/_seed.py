@@ -74,8 +74,17 @@ def rabbitmqctl_argv(node: str | None, netns: str | None, args: list[str]) -> li
     return argv
 
 
-def _address(text: str) -> str:
-    addr = ipaddress.ip_address(str(text))
+def _address(value: Any) -> str:
+    """An address as rabbitmqctl's JSON gives it: text, or the Erlang tuple as a list (4
+    octets, or 8 16-bit words); v4-mapped IPv6 as IPv4, as conn_key stores it."""
+    if isinstance(value, list):
+        if len(value) == 4:
+            value = ".".join(str(int(part)) for part in value)
+        elif len(value) == 8:
+            value = ":".join("%x" % int(part) for part in value)
+        else:
+            raise ValueError("%r is not an address" % (value,))
+    addr = ipaddress.ip_address(str(value))
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
@@ -209,17 +218,41 @@ def interface_addresses(tc: Any, ifname: str) -> set[str]:
     return out
 
 
-def seed_built(tc: Any, params: dict[str, Any], outcomes: list[Any]) -> list[str]:
-    """After an apply: seed each interface the run (re)built; returns the warnings."""
-    built = [o for o in outcomes if getattr(o, "compiled", False) and o.pin_dir]
-    if not built or not params.get("seed_from_broker", True):
-        return []
-    try:
-        entries = read_broker(params.get("broker_node"), params.get("netns"))
-    except SeedError as exc:
-        return ["consumer counts not seeded from the broker, counting starts at zero: %s" % exc]
-    for outcome in built:
-        addresses = interface_addresses(tc, outcome.interface)
-        mine = [e for e in entries if e["broker"] in addresses]
-        write(outcome.pin_dir, mine, params["port"])
-    return []
+class Seeder:
+    """Seeds each interface a run (re)builds, between loading and attaching its program
+    (_deploy.deploy's ``prime``): the broker is asked once per run, at the first build.
+
+    Before the program is live, so that the data plane cannot pick a connection up from
+    zero first (its heartbeats would); a replace keeps the entries the data plane has.
+    Never fails the run: ``warnings`` says what went wrong.
+    """
+
+    def __init__(self, tc: Any, params: dict[str, Any], run: Runner = _run) -> None:
+        self.tc, self.params, self.run = tc, params, run
+        self.enabled = bool(params.get("seed_from_broker", True))
+        self.entries: list[dict[str, Any]] | None = None
+        self.warnings: list[str] = []
+        self.seeded = 0
+
+    def __call__(self, ifname: str, pin: str) -> None:
+        if not self.enabled:
+            return
+        if self.entries is None:
+            try:
+                self.entries = read_broker(
+                    self.params.get("broker_node"), self.params.get("netns"), self.run
+                )
+            except SeedError as exc:
+                self.enabled = False
+                self.warnings.append(
+                    "consumer counts not seeded from the broker, counting starts at zero: %s" % exc
+                )
+                return
+        try:
+            addresses = interface_addresses(self.tc, ifname)
+            mine = [e for e in self.entries if e["broker"] in addresses]
+            self.seeded += write(pin, mine, self.params["port"])
+        except LimiterError as exc:
+            self.warnings.append(
+                "consumer counts not seeded on %s, counting starts at zero: %s" % (ifname, exc)
+            )

@@ -17,6 +17,9 @@ CONNECTIONS = json.dumps(
          "host": "fd00:5267:0:f0::b", "port": 5672},
         {"pid": "<rabbit@localhost.1.2.3>", "peer_host": "::ffff:198.18.240.2",
          "peer_port": 40300, "host": "::ffff:198.18.240.11", "port": 5672},
+        # RabbitMQ 3.10's JSON formatter gives Erlang address tuples as lists.
+        {"pid": "<rabbit@localhost.1.2.4>", "peer_host": [0, 0, 0, 0, 0, 65535, 50706, 61441],
+         "peer_port": 40400, "host": [198, 18, 240, 11], "port": 5672},
     ]
 )  # fmt: skip
 CHANNELS = json.dumps(
@@ -26,6 +29,7 @@ CHANNELS = json.dumps(
         {"connection": PID_A, "number": 3, "consumer_count": 0},
         {"connection": PID_B, "number": 1, "consumer_count": 1},
         {"connection": "<rabbit@localhost.9.9.9>", "number": 1, "consumer_count": 7},
+        {"connection": "<rabbit@localhost.1.2.4>", "number": 9, "consumer_count": 4},
     ]
 )
 
@@ -46,6 +50,13 @@ def test_parse_joins_channels_to_their_connections():
             "broker_port": 5672,
             "channels": {1: 1},
         },
+        {
+            "client": "198.18.240.1",
+            "client_port": 40400,
+            "broker": "198.18.240.11",
+            "broker_port": 5672,
+            "channels": {9: 4},
+        },
     ]
 
 
@@ -54,7 +65,15 @@ def test_parse_of_an_idle_broker_is_empty():
     assert _seed.parse("", "") == []
 
 
-@pytest.mark.parametrize("bad", ["not json", '[{"pid": 1}]', '{"a": 1}'])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not json",
+        '[{"pid": 1}]',
+        '{"a": 1}',
+        '[{"pid": 1, "peer_host": [1, 2], "peer_port": 1, "host": "::1", "port": 1}]',
+    ],
+)
 def test_unreadable_output_is_a_seed_error(bad):
     with pytest.raises(_seed.SeedError, match="could not be read"):
         _seed.parse(bad, "[]")
