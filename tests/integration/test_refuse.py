@@ -27,7 +27,7 @@ HOST = "rabbit1"
 LIMIT = 3
 
 
-@pytest.mark.parametrize("library", clients.LIBRARIES)
+@pytest.mark.parametrize("library", [*clients.LIBRARIES, "amqplib"])
 def test_refuse_closes_only_the_channel(ansible, lab_hosts, client_pool, library):
     ensure(ansible, HOST, limit=LIMIT, action="refuse")
     addr = lab_hosts[HOST]["ipv4"]
