@@ -873,7 +873,7 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
                 else:
                     os.makedirs(copy, mode=0o755)
                 changes.add(f"{host.name}: private copy of {path}")
-        etc, lib, logdir = (host.private_dir(p) for p in PRIVATE_DIRS)
+        etc, lib, logdir = (host.private_dir(p) for p in PRIVATE_DIRS[:3])
         for path in (etc, lib, os.path.join(lib, "mnesia"), logdir):
             os.makedirs(path, mode=0o755, exist_ok=True)
         for path in (lib, os.path.join(lib, "mnesia"), logdir):
