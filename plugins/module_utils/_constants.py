@@ -32,6 +32,10 @@ LIMIT_RANGE = (0, 65535)
 DEFAULT_LOCK_TIMEOUT = 120
 # At attach, the broker's consumer counts are written into the maps (module_utils/_seed).
 DEFAULT_SEED_FROM_BROKER = True
+# strict: segments that arrive ahead of the stream are dropped to come again in order, so
+# that reordering, hostile or not, never gets a consumer past the limit. Off by default:
+# it costs retransmissions where the network reorders (README, Modes).
+DEFAULT_STRICT = False
 
 BPFFS_ROOT = "/sys/fs/bpf"
 DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"

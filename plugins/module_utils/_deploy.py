@@ -115,6 +115,7 @@ def validate_options(params: Params) -> None:
         "ethernet",
         _constants.BPFFS_ROOT + "/check",
         params["frame_max"],
+        params["strict"],
     )
     _seed.validate_node(params.get("broker_node"))
 
@@ -172,6 +173,7 @@ def desire(
         l2_kind(tc, ifname),
         _names.pin_dir(pin_root, ns_key, ifname),
         params["frame_max"],
+        params["strict"],
     )
     source = _render.render(config, template)
     return source, {"config": config, "digest": _render.source_digest(source)}

@@ -7,7 +7,9 @@ On the day the limiter is deployed a faulty client may already hold thousands of
 without seeding its connection would start at zero and get ``limit`` more. At attach (and at
 the boot re-attach) the broker is asked (``rabbitmqctl list_connections`` and
 ``list_channels``, inside the namespace when one is given) and its counts are written into
-the pinned conns and channels maps, flagged CONN_SEEDED: the classifier joins such a
+the pinned conns map (a channel in its connection's slot, channel n in slot n mod
+CHAN_SLOTS, as the classifier keeps it; one whose slot another holds in the channels map,
+flagged CONN_OVERFLOW), flagged CONN_SEEDED: the classifier joins such a
 connection's stream at its first well-formed frame and keeps the seeded counts.
 
 No rabbitmqctl, or a broker that does not answer: a warning naming the cause, counting
@@ -33,8 +35,9 @@ from . import _bpfsys, _layout
 from ._errors import LimiterError
 from ._render import ConfigError
 
-# The conn_state flag the classifier's template defines as CONN_SEEDED.
+# The conn_state flags the classifier's template defines as CONN_SEEDED and CONN_OVERFLOW.
 CONN_SEEDED = 0x40
+CONN_OVERFLOW = 0x10
 # name@host, as rabbitmqctl -n takes it (no spaces, exactly one @, both parts non-empty).
 _NODE_RE = re.compile(r"^[A-Za-z0-9_.\-]+@[A-Za-z0-9_.\-]+$")
 RABBITMQCTL_TIMEOUT = 30
@@ -151,10 +154,26 @@ def read_broker(node: str | None, netns: str | None, run: Runner = _run) -> list
     return parse(conns, chans)
 
 
-def conn_value(consumers: int, epoch: int) -> bytes:
+def conn_value(
+    consumers: int, epoch: int, channels: dict[int, int] | None = None
+) -> tuple[bytes, dict[int, int]]:
+    """A seeded conns entry: channel n in slot n mod CHAN_SLOTS (lowest channel first, as
+    clients open them); returns it and the channels that did not fit (for the channels
+    map, the entry then flagged CONN_OVERFLOW)."""
     state = _layout.ConnState()
     state.epoch, state.consumers, state.flags = epoch, consumers, CONN_SEEDED
-    return bytes(state)
+    overflow: dict[int, int] = {}
+    for channel, count in sorted((channels or {}).items()):
+        if not count:
+            continue
+        slot = state.chans[channel & (_layout.CHAN_SLOTS - 1)]
+        if slot.consumers:
+            overflow[channel] = count
+            continue
+        slot.channel, slot.consumers = channel, count
+    if overflow:
+        state.flags |= CONN_OVERFLOW
+    return bytes(state), overflow
 
 
 def write(pin: str, entries: list[dict[str, Any]], port: int, epoch: int | None = None) -> int:
@@ -173,14 +192,13 @@ def write(pin: str, entries: list[dict[str, Any]], port: int, epoch: int | None 
                 if _bpfsys.map_lookup(conns_fd, bytes(key), ctypes.sizeof(_layout.ConnState)):
                     continue  # the data plane knows it already, exactly
                 conn_epoch = base + n  # distinct from any the data plane gives
-                for channel, consumers in sorted(entry["channels"].items()):
-                    ckey = _layout.ChanKey(conn=key, channel=channel)
-                    value = _layout.ChanState(epoch=conn_epoch, consumers=consumers)
-                    _bpfsys.map_update(chans_fd, bytes(ckey), bytes(value))
                 total = sum(entry["channels"].values())
-                _bpfsys.map_update(
-                    conns_fd, bytes(key), conn_value(total, conn_epoch), _bpfsys.BPF_NOEXIST
-                )
+                value, overflow = conn_value(total, conn_epoch, entry["channels"])
+                for channel, consumers in overflow.items():
+                    ckey = _layout.ChanKey(conn=key, channel=channel)
+                    cvalue = _layout.ChanState(epoch=conn_epoch, consumers=consumers)
+                    _bpfsys.map_update(chans_fd, bytes(ckey), bytes(cvalue))
+                _bpfsys.map_update(conns_fd, bytes(key), value, _bpfsys.BPF_NOEXIST)
                 seeded += 1
         finally:
             _bpfsys.close(chans_fd)

@@ -132,5 +132,17 @@ def test_no_rabbitmqctl_names_the_cause(monkeypatch):
 def test_seeded_state_is_flagged_for_the_classifier():
     from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout
 
-    state = _layout.decode(_layout.ConnState, _seed.conn_value(5, 77))
+    value, overflow = _seed.conn_value(5, 77)
+    state = _layout.decode(_layout.ConnState, value)
     assert (state.consumers, state.epoch, state.flags, state.synced) == (5, 77, 0x40, 0)
+    assert overflow == {}
+
+
+def test_seeded_channels_take_the_classifiers_slots_and_overflow_to_the_map():
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout
+
+    value, overflow = _seed.conn_value(6, 77, {1: 2, 2: 1, 9: 3})
+    state = _layout.decode(_layout.ConnState, value)
+    assert _layout.slot_channels(state) == {1: 2, 2: 1}
+    assert overflow == {9: 3}
+    assert state.flags == 0x40 | 0x10
