@@ -23,10 +23,11 @@ def seed(dp, client_port, channels, client="198.18.0.2"):
     return _seed.write(dp.pin_dir, [entry], dp.port)
 
 
-def test_the_flag_is_the_templates():
+@pytest.mark.parametrize("name", ["CONN_SEEDED", "CONN_OVERFLOW"])
+def test_the_flags_are_the_templates(name):
     source = _render.read_template()
-    match = re.search(r"#define CONN_SEEDED\s+(0x[0-9a-f]+)", source)
-    assert int(match.group(1), 16) == _seed.CONN_SEEDED
+    match = re.search(r"#define %s\s+(0x[0-9a-f]+)" % name, source)
+    assert int(match.group(1), 16) == getattr(_seed, name)
 
 
 @pytest.mark.parametrize("action", ["drop", "refuse"])
@@ -64,3 +65,18 @@ def test_the_data_planes_own_entry_is_not_overwritten(dataplanes):
     flow.send(amqp.consume(1))
     assert seed(dp, 40502, {1: 7}) == 0
     assert flow.consumers() == 1 and flow.channels() == {1: 1}
+
+
+def test_a_seeded_channel_whose_slot_is_taken_lives_in_the_map(dataplanes):
+    # Channels 1 and 9 share a slot of the connection's entry: 9 is seeded into the
+    # channels map, and the classifier finds it there.
+    dp = dataplanes(limit=3, action="refuse")
+    assert seed(dp, 40503, {1: 2, 9: 1}) == 1
+    flow = Flow(dp, client_port=40503, isn=77)
+    assert flow.channels() == {1: 2, 9: 1}
+    assert flow.send(amqp.channel_close_ok(9)) == TC_ACT_OK
+    assert flow.consumers() == 2 and flow.channels() == {1: 2}
+    assert flow.send(amqp.consume(9)) == TC_ACT_OK
+    assert flow.consumers() == 3 and flow.channels() == {1: 2, 9: 1}
+    assert flow.send(amqp.consume(9, queue="qq")) == TC_ACT_OK
+    assert flow.consumers() == 3  # refused in place
