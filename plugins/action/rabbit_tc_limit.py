@@ -16,6 +16,8 @@ import os
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _overrides
+
 TEMPLATE = os.path.join("files", "bpf", "rabbit_limiter.c.j2")
 
 
@@ -32,6 +34,10 @@ class ActionModule(ActionBase):
         module_args = dict(self._task.args)
         if "_template" in module_args:
             raise AnsibleActionFail("_template is set by the action plugin, not by tasks")
+        try:
+            _overrides.check_shape(module_args.get("overrides"))
+        except _overrides.OverrideError as e:
+            raise AnsibleActionFail(str(e)) from e
         path = os.path.join(collection_root(), TEMPLATE)
         try:
             with open(path) as handle:

@@ -32,6 +32,14 @@ LIMIT_RANGE = (0, 65535)
 DEFAULT_LOCK_TIMEOUT = 120
 # At attach, the broker's consumer counts are written into the maps (module_utils/_seed).
 DEFAULT_SEED_FROM_BROKER = True
+# Per-source limits (the overrides option): at most this many entries, the size of the
+# pinned LPM trie that holds them.
+MAX_OVERRIDES = 1024
+# node_exporter's textfile collector directory on Debian, and the file the metrics go to.
+DEFAULT_METRICS_DIR = "/var/lib/prometheus/node-exporter"
+METRICS_FILE = "rabbitguard_limiter.prom"
+# A connection is "near its limit" at this fraction of it or more (a metrics gauge).
+NEAR_LIMIT_FRACTION = (4, 5)
 # strict: segments that arrive ahead of the stream are dropped to come again in order, so
 # that reordering, hostile or not, never gets a consumer past the limit. Off by default:
 # it costs retransmissions where the network reorders (README, Modes).

@@ -27,6 +27,7 @@ from . import (
     _host,
     _layout,
     _names,
+    _overrides,
     _pins,
     _plan,
     _render,
@@ -118,6 +119,7 @@ def validate_options(params: Params) -> None:
         params["strict"],
     )
     _seed.validate_node(params.get("broker_node"))
+    _overrides.validate(params.get("overrides"))
 
 
 # -- observing -------------------------------------------------------------------------------
@@ -176,6 +178,9 @@ def desire(
         params["strict"],
     )
     source = _render.render(config, template)
+    # Overrides live in a map, not in the source: they are not part of the digest, so
+    # changing them alone plans an update, not a compile.
+    config["overrides"] = _overrides.validate(params.get("overrides"))
     return source, {"config": config, "digest": _render.source_digest(source)}
 
 
@@ -219,8 +224,11 @@ def deploy(
     new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
     prog_fd = None
+    overrides_before = (observed.get("config") or {}).get("overrides")
     try:
         prog_fd = _compile.compile_isolated(source, pin)
+        # Before the attach, so that the new program limits by source from its first packet.
+        _overrides.sync(pin, config.get("overrides") or [])
         if prime is not None:
             prime(ifname, pin)
         created_clsact = tc.ensure_clsact(ifname)
@@ -235,6 +243,8 @@ def deploy(
     except Exception:
         if created_clsact:
             tc.remove_clsact_if_empty(ifname)
+        if _overrides.MAP_NAME not in new_pins and overrides_before is not None:
+            _overrides.sync(pin, overrides_before)  # the old program keeps its overrides
         if len(new_pins) == len(_layout.MAP_NAMES):
             _pins.unpin_interface(pin)  # nothing was here: leave no directory either
         else:
@@ -466,6 +476,8 @@ def _act(
             if action in BUILDS and want is not None:  # a build is always of something wanted
                 outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen, prime)
                 outcome.compiled = True
+            elif action == _plan.UPDATE and want is not None:
+                _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
             elif action == _plan.REMOVE:
                 remove(tc, ifname, seen)
         result.outcomes.append(outcome)

@@ -18,7 +18,7 @@ import ipaddress
 from typing import Any
 
 LAYOUT_VERSION = 3
-MAP_NAMES = ("conns", "channels", "counters", "config", "refusals")
+MAP_NAMES = ("conns", "channels", "counters", "config", "refusals", "overrides")
 REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
@@ -136,6 +136,15 @@ class DeployedConfig(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("digest", ctypes.c_uint8 * 32),
     ]
+
+
+class OverrideKey(ctypes.Structure):
+    """A key of the overrides LPM trie: a prefix of a conn_key client address."""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+OVERRIDE_VALUE = ctypes.c_uint32
 
 
 def address_text(raw16: Any) -> str:

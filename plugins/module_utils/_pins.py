@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from . import _bpfsys, _constants, _host, _layout, _names
+from . import _bpfsys, _constants, _host, _layout, _names, _overrides
 from ._errors import LimiterError
 
 _ZERO_KEY = b"\x00" * 4
@@ -76,6 +76,7 @@ def read_config(pin: str) -> dict[str, Any] | None:
         "strict": bool(value.flags & _layout.FLAG_STRICT),
         "digest": bytes(value.digest).hex(),
         "created_clsact": bool(value.flags & _layout.FLAG_CREATED_CLSACT),
+        "overrides": _overrides.read(pin) or [],
     }
 
 

@@ -13,6 +13,8 @@ An observation of one interface (see _deploy.observe) is a dict:
               known, e.g. no filter or no pins)
     shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
+The config's "overrides" (per-source limits) are not in the rendered source, so not in the
+digest: when only they differ the plan is UPDATE (rewrite the pinned map, keep the program).
 """
 
 from __future__ import absolute_import, annotations, division, print_function
@@ -27,6 +29,9 @@ FILTER_PREFIX = "rabbitguard-"
 NAME_DIGEST_LEN = 16
 
 NONE, CREATE, REPLACE, REPAIR, REMOVE = "none", "create", "replace", "repair", "remove"
+# Only the per-source limits differ: the pinned overrides map is rewritten, nothing is
+# compiled, the attached program stays.
+UPDATE = "update"
 # Why a repair is needed, as shown to the user.
 FILTER_GONE = "the filter is gone but its pinned maps are there"
 PINS_GONE = "the filter is there but its pinned maps are gone"
@@ -66,6 +71,8 @@ def plan_interface(
         return REPAIR, MAPS_DIFFER
     if (observed.get("config") or {}).get("digest") != desired["digest"]:
         return REPAIR, CONFIG_GONE
+    if (observed["config"].get("overrides") or []) != (desired["config"].get("overrides") or []):
+        return UPDATE, None
     return NONE, None
 
 
@@ -131,6 +138,6 @@ def public_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return dict(
         (key, config[key])
-        for key in ("port", "limit", "action", "frame_max", "strict", "l2")
+        for key in ("port", "limit", "action", "frame_max", "strict", "l2", "overrides")
         if key in config
     )

@@ -15,6 +15,14 @@ unit that runs::
 This does what rabbit_tc_limit with state=present does with the same arguments (the same
 apply path, _deploy.apply), without Ansible: the program it
 attaches is identical, so a later run of the role finds nothing to change.
+
+With ``--metrics DIR`` it changes nothing: it reads what is deployed (as
+rabbit_tc_limit_info does, through _describe) and writes the Prometheus metrics to
+DIR/rabbitguard_limiter.prom atomically, for node_exporter's textfile collector (the role's
+timer runs it every 15 s)::
+
+    /usr/bin/python3 <lib>/limiter/rabbitguard-reattach.pyz
+        --metrics /var/lib/prometheus/node-exporter /etc/rabbitguard/limiter.json
 """
 
 from __future__ import absolute_import, annotations, division, print_function
@@ -28,7 +36,7 @@ import subprocess
 import sys
 from typing import Any
 
-from . import _bpfsys, _constants, _deploy, _render
+from . import _bpfsys, _constants, _deploy, _describe, _metrics, _render
 from ._errors import LimiterError
 
 # The stored configuration: rabbit_tc_limit's options for state=present, and their defaults
@@ -46,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "lock_timeout": _constants.DEFAULT_LOCK_TIMEOUT,
     "broker_node": None,
     "seed_from_broker": _constants.DEFAULT_SEED_FROM_BROKER,
+    "overrides": [],
 }
 TEMPLATE_NAME = _render.TEMPLATE_NAME
 
@@ -110,6 +119,29 @@ def reattach(
     return [(o.namespace, o.interface, o.action, o.reason) for o in result.outcomes]
 
 
+def metrics_text(params: dict[str, Any]) -> str:
+    """The Prometheus text for everything pinned under the stored pin_dir."""
+    wanted = {
+        "pin_dir": params["pin_dir"],
+        "netns": None,
+        "interfaces": None,
+        "connections": True,
+        "min_consumers": 0,
+    }
+    return _metrics.render(_describe.describe_all(wanted, []))
+
+
+def write_metrics(params: dict[str, Any], directory: str) -> str:
+    """Write the metrics file in directory (made if missing); returns its path."""
+    text = metrics_text(params)
+    try:
+        if not os.path.isdir(directory):
+            os.makedirs(directory, 0o755)
+        return _metrics.write(directory, text)
+    except OSError as e:
+        raise LimiterError("writing the metrics to %s: %s" % (directory, e.strerror)) from e
+
+
 def main(argv: list[str] | None = None, template: str | None = None) -> int:
     """Command line entry; template is the classifier's template text (from the zip app)."""
     parser = argparse.ArgumentParser(
@@ -130,10 +162,19 @@ def main(argv: list[str] | None = None, template: str | None = None) -> int:
         metavar="SECONDS",
         help="wait this long for the namespace, interfaces or default route",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="DIR",
+        help="change nothing: write the Prometheus metrics of what is deployed to "
+        "DIR/%s (node_exporter's textfile collector)" % _constants.METRICS_FILE,
+    )
     args = parser.parse_args(argv)
     prog = parser.prog
     try:
         params = load_config(args.config)
+        if args.metrics:
+            write_metrics(params, args.metrics)
+            return 0
         if args.template or template is None:
             path = args.template or _render.default_template_path()
             try:

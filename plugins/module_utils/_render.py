@@ -84,6 +84,7 @@ def validate(
         "pin_dir": pin_dir,
         "strict": strict,
         "max_frames": MAX_FRAMES,
+        "max_overrides": _constants.MAX_OVERRIDES,
     }
 
 

@@ -158,6 +158,30 @@ options:
       - The RabbitMQ node that O(seed_from_broker) asks (C(rabbitmqctl -n)), a node name such
         as V(rabbit@hostname). Default - the node C(rabbitmqctl) uses on the host.
     type: str
+  overrides:
+    description:
+      - Per-source limits. A client connection from an address inside an entry's
+        O(overrides[].source) may have O(overrides[].limit) consumers instead of O(limit);
+        when several entries match, the longest prefix wins.
+      - Kept in a pinned map that the classifier reads at each C(basic.consume). Changing
+        only the overrides compiles nothing and keeps the attached program (action
+        V(update)); it applies from each connection's next C(basic.consume).
+      - At most 1024 entries; a source may not be listed twice.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      source:
+        description:
+          - An IPv4 or IPv6 network in CIDR notation, such as V(10.20.0.0/16),
+            V(10.20.3.4/32) or V(fd00:1::/64).
+          - Host bits must be zero (V(10.20.3.4/16) is refused, not widened).
+        type: str
+        required: true
+      limit:
+        description: Live consumers allowed on one connection from this source (0 to 65535).
+        type: int
+        required: true
 notes:
   - The filter sits at pref 49152, handle 0x5247 of the clsact ingress hook. The clsact qdisc
     is created only if missing, and removed on O(state=absent) only if this module created it
@@ -180,6 +204,15 @@ EXAMPLES = r"""
     action: monitor
     interfaces: [eth0, eth1]
 
+- name: One service legitimately needs 500 consumers per connection
+  rabbitguard.limiter.rabbit_tc_limit:
+    limit: 20
+    overrides:
+      - source: 10.20.30.0/24
+        limit: 500
+      - source: fd00:20::/64
+        limit: 500
+
 - name: A broker in a container
   rabbitguard.limiter.rabbit_tc_limit:
     netns: /proc/{{ broker_pid }}/ns/net
@@ -201,13 +234,17 @@ interfaces:
       eth0:
         action: replace
         reason: null
-        config: {port: 5672, limit: 5, action: drop, frame_max: 131072, strict: false, l2: ethernet}
+        config: {port: 5672, limit: 5, action: drop, frame_max: 131072, strict: false,
+                 l2: ethernet, overrides: [{source: 10.20.30.0/24, limit: 500}]}
         program_id: 412
         compiled: true
-        pin_dir: /sys/fs/bpf/rabbitguard/v2/host/eth0
+        pin_dir: /sys/fs/bpf/rabbitguard/v3/host/eth0
   contains:
     action:
-      description: One of V(none), V(create), V(replace), V(repair), V(remove).
+      description:
+        - One of V(none), V(create), V(replace), V(repair), V(remove), or V(update) (only
+          O(overrides) changed - the pinned map was rewritten, nothing compiled, the same
+          program stays attached).
       type: str
     reason:
       description: Why a repair was needed, or why a namespace's pins were removed.
@@ -248,6 +285,15 @@ def build_module():
             lock_timeout=dict(type="int", default=C.DEFAULT_LOCK_TIMEOUT),
             broker_node=dict(type="str"),
             seed_from_broker=dict(type="bool", default=C.DEFAULT_SEED_FROM_BROKER),
+            overrides=dict(
+                type="list",
+                elements="dict",
+                default=[],
+                options=dict(
+                    source=dict(type="str", required=True),
+                    limit=dict(type="int", required=True),
+                ),
+            ),
             # Internal, not a user option (so not in DOCUMENTATION): the action plugin sends
             # the classifier's template, read from the collection on the controller.
             _template=dict(type="str", no_log=True),

@@ -55,6 +55,14 @@ options:
     description: List only connections with at least this many consumers.
     type: int
     default: 0
+  format:
+    description:
+      - V(prometheus) also returns RV(prometheus), the metrics in Prometheus' text exposition
+        format - the text the C(rabbitguard.limiter.tc_limiter) role's timer writes for
+        node_exporter's textfile collector.
+    type: str
+    choices: [plain, prometheus]
+    default: plain
 seealso:
   - module: rabbitguard.limiter.rabbit_tc_limit
 """
@@ -67,9 +75,29 @@ EXAMPLES = r"""
 - name: Connections close to the limit
   rabbitguard.limiter.rabbit_tc_limit_info:
     min_consumers: 8
+
+- name: The metrics node_exporter would read
+  rabbitguard.limiter.rabbit_tc_limit_info:
+    format: prometheus
+    connections: false
+  register: limiter
+
+- name: Show them
+  ansible.builtin.debug:
+    msg: "{{ limiter.prometheus }}"
 """
 
 RETURN = r"""
+prometheus:
+  description:
+    - The metrics in Prometheus' text exposition format (prefix C(rabbitguard_limiter_)),
+      labelled by namespace and interface only.
+  returned: when O(format=prometheus)
+  type: str
+  sample: |
+    # HELP rabbitguard_limiter_consumes_refused_total basic.consume methods over the limit.
+    # TYPE rabbitguard_limiter_consumes_refused_total counter
+    rabbitguard_limiter_consumes_refused_total{namespace="host",interface="eth0"} 3
 limiters:
   description: One entry per namespace and interface the limiter is pinned for.
   returned: always
@@ -86,7 +114,9 @@ limiters:
       description: Where its maps are pinned.
       type: str
     config:
-      description: The deployed port, limit, action, frame_max, strict and l2 (null when unknown).
+      description:
+        - The deployed port, limit, action, frame_max, strict and l2 (null when unknown), and
+          overrides (the per-source limits, a list of source and limit).
       type: dict
     attached:
       description:
@@ -137,13 +167,15 @@ limiters:
       description:
         - Tracked live connections with at least O(min_consumers) consumers, most consumers
           first; each with client, client_port, broker, broker_port, consumers, channels (a
-          dict channel -> consumers), refused, synced.
+          dict channel -> consumers), refused, synced, and limit (the connection's effective
+          limit - its source's override, else the deployed limit).
       type: list
       elements: dict
   sample:
     - namespace: host
       interface: eth0
-      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, strict: false, l2: ethernet}
+      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, strict: false,
+               l2: ethernet, overrides: [{source: 198.18.0.0/24, limit: 50}]}
       attached: true
       drift: null
       warnings: []
@@ -152,7 +184,7 @@ limiters:
       connection_count: 2
       connections:
         - {client: 198.18.0.2, client_port: 40022, broker: 198.18.0.11, broker_port: 5672,
-           consumers: 10, channels: {"1": 10}, refused: 3, synced: true}
+           consumers: 10, channels: {"1": 10}, refused: 3, synced: true, limit: 50}
       refusals:
         - {time: "2026-11-30T13:02:11.482+00:00", client: 198.18.0.2, client_port: 40022,
            channel: 2, consumers: 10, action: refuse}
@@ -172,6 +204,7 @@ def build_module():
             pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             connections=dict(type="bool", default=True),
             min_consumers=dict(type="int", default=0),
+            format=dict(type="str", default="plain", choices=["plain", "prometheus"]),
         ),
         supports_check_mode=True,
     )

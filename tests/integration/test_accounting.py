@@ -179,10 +179,15 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
     assert all(c["consumers"] >= LIMIT for c in only["connections"])
 
 
-def test_a_busy_connection_is_counted_exactly(limited, queues, client_pool):
+def test_a_busy_connection_is_counted_exactly_in_strict_mode(
+    ansible, lab_hosts, queues, client_pool
+):
     """Consumes between large publishes on the same connection: frames span segments and
-    segments hold many frames; the count is still exact."""
-    client = client_pool("aio-pika", limited["ipv4"], "busy")
+    segments hold many frames; with strict the count is still exact. (The lab's veth sends
+    with TSO on, which reorders one flow across CPUs: without strict, a connection whose
+    hole hides a frame header goes adrift and is no longer limited; see the README's Modes.)"""
+    ensure(ansible, HOST, limit=LIMIT, action="reset", strict=True)
+    client = client_pool("aio-pika", lab_hosts[HOST]["ipv4"], "busy")
     publishing, consuming = client.channel(), client.channel()
     stop = threading.Event()
     sent, errors = [], []

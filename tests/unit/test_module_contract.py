@@ -18,6 +18,7 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _deploy,
     _host,
     _names,
+    _overrides,
     _pins,
     _runner,
     _tc,
@@ -96,6 +97,8 @@ class FakePins:
 
     def __init__(self):
         self.pinned = {}
+        self.overrides = {}  # pin dir -> the overrides map's entries (normal form)
+        self.calls = []
 
     def pinned_namespaces(self, pin_root):
         root = _names.layout_root(pin_root) + "/"
@@ -111,7 +114,17 @@ class FakePins:
         return pin in self.pinned
 
     def read_config(self, pin):
-        return self.pinned.get(pin)
+        config = self.pinned.get(pin)
+        if config is None:
+            return None
+        return dict(config, overrides=list(self.overrides.get(pin, [])))
+
+    def sync_overrides(self, pin, wanted):
+        """_overrides.sync: the pinned overrides map made to hold exactly `wanted`."""
+        self.calls.append(("sync_overrides", pin))
+        changed = self.overrides.get(pin, []) != wanted
+        self.overrides[pin] = list(wanted)
+        return changed
 
     def write_config(self, pin, config, digest, created_clsact):
         self.pinned[pin] = dict(
@@ -122,9 +135,11 @@ class FakePins:
 
     def unpin_interface(self, pin):
         self.pinned.pop(pin, None)
+        self.overrides.pop(pin, None)
 
     def unpin(self, pin, names):
         self.pinned.pop(pin, None)
+        self.overrides.pop(pin, None)
 
     def program_uses_pins(self, pin, prog_id):
         return prog_id not in getattr(self, "foreign_maps", ())
@@ -166,6 +181,7 @@ class FakeModule:
             # The fake host has no broker to ask (tests/unit/test_seed.py covers seeding).
             seed_from_broker=False,
             broker_node=None,
+            overrides=[],
             _template=None,
         )
         self.params.update(params)
@@ -196,6 +212,7 @@ def host(monkeypatch):
     for name in ("write_config", "unpin_interface", "unpin", "program_uses_pins", "check_tree"):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
+    monkeypatch.setattr(_overrides, "sync", pins.sync_overrides)
     monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
     monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
     monkeypatch.setattr(_host, "check_bpffs", lambda: None)
@@ -246,6 +263,7 @@ def test_check_mode_predicts_the_create_and_changes_nothing(host):
                 "frame_max": C.DEFAULT_FRAME_MAX,
                 "strict": C.DEFAULT_STRICT,
                 "l2": "ethernet",
+                "overrides": [],
             }
         },
     }
@@ -423,3 +441,55 @@ def test_a_program_that_does_not_use_the_pins_is_repaired(host):
     assert entry(outcome)["action"] == "repair"
     assert entry(outcome)["reason"] == "the attached program does not use the pinned maps"
     assert entry(outcome)["program_id"] != entry(first)["program_id"]
+
+
+OVERRIDES = [{"source": "198.18.0.0/24", "limit": 2}, {"source": "fd00::/64", "limit": 7}]
+
+
+def test_an_overrides_change_is_an_update_no_compile_same_program(host):
+    first = run(limit=4)
+    program = entry(first)["program_id"]
+
+    predicted = run(check_mode=True, limit=4, overrides=OVERRIDES)
+    assert predicted.result["changed"] is True and entry(predicted)["action"] == "update"
+    assert host.overrides[entry(first)["pin_dir"]] == []  # check mode wrote nothing
+
+    done = run(limit=4, overrides=OVERRIDES)
+    assert done.result["changed"] is True and entry(done)["action"] == "update"
+    assert entry(done)["compiled"] is False and entry(done)["program_id"] == program
+    (ours,) = host.namespaces[None].filters["eth0"]
+    assert ours["prog_id"] == program
+    assert done.result["diff"]["before"]["host/eth0"]["overrides"] == []
+    assert done.result["diff"]["after"]["host/eth0"]["overrides"] == OVERRIDES
+    assert host.overrides[entry(done)["pin_dir"]] == OVERRIDES
+
+    assert run(limit=4, overrides=list(reversed(OVERRIDES))).result["changed"] is False
+    cleared = run(limit=4, overrides=[])
+    assert entry(cleared)["action"] == "update" and host.overrides[entry(cleared)["pin_dir"]] == []
+
+
+def test_a_build_writes_the_overrides_too(host):
+    done = run(limit=4, overrides=OVERRIDES)
+    assert entry(done)["action"] == "create" and host.overrides[entry(done)["pin_dir"]] == OVERRIDES
+    replaced = run(limit=5, overrides=OVERRIDES[:1])
+    assert entry(replaced)["action"] == "replace"
+    assert host.overrides[entry(replaced)["pin_dir"]] == OVERRIDES[:1]
+
+
+@pytest.mark.parametrize(
+    "bad", [[{"source": "198.18.0.1/24", "limit": 2}], [{"source": "x", "limit": 1}], "10/8"]
+)
+def test_bad_overrides_fail_naming_the_option_and_change_nothing(host, bad):
+    run(limit=4, overrides=OVERRIDES)
+    before = (state(host), dict(host.overrides))
+    outcome = run(limit=4, overrides=bad)
+    assert outcome.failed and outcome.result["msg"].startswith("overrides")
+    assert (state(host), dict(host.overrides)) == before
+
+
+def test_the_boot_program_restores_overrides(host):
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import _reattach, _render
+
+    params = dict(_reattach.DEFAULTS, limit=3, overrides=OVERRIDES, state="present")
+    assert _reattach.reattach(params, _render.read_template()) == [("host", "eth0", "create", None)]
+    assert run(limit=3, overrides=OVERRIDES).result["changed"] is False
