@@ -61,6 +61,7 @@ APT_PACKAGES=(
     rabbitmq-server                    # the broker under test (started per network namespace)
     openssh-server openssh-client      # the lab's test hosts are real SSH hosts for Ansible
     shellcheck                         # lint for scripts/ and .ci/run
+    nodejs npm                         # Node amqplib, a client library the tests drive
     ca-certificates git
 )
 # Packages whose services apt would start; stopped and disabled if this run installs them.
@@ -393,6 +394,19 @@ install_bare_venv() { # install_bare_venv DIR VERSION
     printf '%s\n' "${version}" >"${venv}/.rabbitguard-ansible-core"
 }
 
+# Node client libraries for the integration tests (tests/node/package.json: amqplib), from
+# the npm registry into tests/node/node_modules; skipped when already there.
+setup_node_clients() {
+    local dir="${REPO}/tests/node"
+    if [[ -f "${dir}/node_modules/amqplib/package.json" ]]; then
+        log "node: amqplib $(node -p "require('${dir}/node_modules/amqplib/package.json').version")"
+        return
+    fi
+    log "node: npm install (tests/node)"
+    (cd "${dir}" && npm install --no-audit --no-fund --loglevel=error) \
+        || die "npm install in tests/node failed"
+}
+
 install_packages
 setup_kernel_headers
 setup_bpffs
@@ -400,4 +414,5 @@ setup_venv
 setup_ansible_test_pip_bootstrap
 setup_collection_link
 setup_matrix_venvs
+setup_node_clients
 log "done: activate with 'source .venv/bin/activate', or run scripts/run-tests.sh"

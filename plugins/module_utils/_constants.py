@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # What happens to a basic.consume over the limit. The order is the C enum's and the pinned
 # config map's (_layout encodes an action as its index here): append, never reorder.
-ACTIONS = ("drop", "reset", "monitor")
+ACTIONS = ("drop", "reset", "monitor", "refuse")
 # The link-layer header tc hands the classifier: Ethernet (loopback too), or none (tun, ...).
 L2_KINDS = ("ethernet", "none")
 STATES = ("present", "absent")
@@ -20,15 +20,18 @@ STATES = ("present", "absent")
 DEFAULT_PORT = 5672
 DEFAULT_LIMIT = 10
 # The product defaults differ on purpose. The module refuses quietly (drop, as a firewall
-# would); the role, run on a fleet by people who want connections freed at once, resets.
+# would); the role, run on a fleet by people who want the faulty client told and its other
+# channels kept, refuses the one consume with a channel error (refuse).
 MODULE_DEFAULT_ACTION = "drop"
-ROLE_DEFAULT_ACTION = "reset"
+ROLE_DEFAULT_ACTION = "refuse"
 # RabbitMQ's own frame_max default.
 DEFAULT_FRAME_MAX = 131072
 FRAME_MAX_RANGE = (4096, 1 << 28)
 PORT_RANGE = (1, 65535)
 LIMIT_RANGE = (0, 65535)
 DEFAULT_LOCK_TIMEOUT = 120
+# At attach, the broker's consumer counts are written into the maps (module_utils/_seed).
+DEFAULT_SEED_FROM_BROKER = True
 # Per-source limits (the overrides option): at most this many entries, the size of the
 # pinned LPM trie that holds them.
 MAX_OVERRIDES = 1024

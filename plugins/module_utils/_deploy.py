@@ -31,6 +31,7 @@ from . import (
     _pins,
     _plan,
     _render,
+    _seed,
     _tc,
 )
 from ._errors import LimiterError
@@ -117,6 +118,7 @@ def validate_options(params: Params) -> None:
         params["frame_max"],
         params["strict"],
     )
+    _seed.validate_node(params.get("broker_node"))
     _overrides.validate(params.get("overrides"))
 
 
@@ -200,8 +202,18 @@ def pick_interfaces(tc: _tc.Tc, requested: list[str] | None, netns: str | None) 
 # -- changing things --------------------------------------------------------------------------
 
 
-def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Observation) -> int:
+def deploy(
+    tc: _tc.Tc,
+    ifname: str,
+    source: str,
+    desired: Desired,
+    observed: Observation,
+    prime: Any = None,
+) -> int:
     """Compile, attach (atomic replace) and record. Returns the new program id.
+
+    prime: called with (ifname, pin directory) once the maps exist and before the program
+    goes live (seeding from the broker: _seed.Seeder).
 
     Until the attach succeeds nothing the user relies on has changed: a failure before it
     removes what this call created (new pins, a new clsact) and leaves the previous
@@ -217,6 +229,8 @@ def deploy(tc: _tc.Tc, ifname: str, source: str, desired: Desired, observed: Obs
         prog_fd = _compile.compile_isolated(source, pin)
         # Before the attach, so that the new program limits by source from its first packet.
         _overrides.sync(pin, config.get("overrides") or [])
+        if prime is not None:
+            prime(ifname, pin)
         created_clsact = tc.ensure_clsact(ifname)
         _clear_foreign(tc, ifname, observed.get("filter"))
         tc.attach(
@@ -354,7 +368,9 @@ def _present(
             tree = _host.check_kernel_headers(params["kernel_headers"])
             if tree is not None:
                 os.environ["BCC_KERNEL_SOURCE"] = tree
-        _act(tc, ns_key, actions, observed, desired, sources, check_mode, result)
+        seeder = _seed.Seeder(tc, params)
+        _act(tc, ns_key, actions, observed, desired, sources, check_mode, result, seeder)
+        result.warnings += seeder.warnings
 
 
 def _label(ns_key: str, ifname: str) -> str:
@@ -439,6 +455,7 @@ def _act(
     sources: dict[str, str],
     check_mode: bool,
     result: ApplyResult,
+    prime: Any = None,
 ) -> None:
     for ifname, (action, reason) in sorted(actions.items()):
         seen = observed.get(ifname, {})
@@ -457,7 +474,7 @@ def _act(
         )
         if not check_mode:
             if action in BUILDS and want is not None:  # a build is always of something wanted
-                outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen)
+                outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen, prime)
                 outcome.compiled = True
             elif action == _plan.UPDATE and want is not None:
                 _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])

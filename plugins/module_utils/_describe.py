@@ -64,7 +64,13 @@ def describe(
         "warnings": _plan.shadow_warnings(ifname, seen, C.FILTER_PREF) if ours else [],
         "counters": _pins.counters(pin) if seen["pins"] else None,
         "connections": [],
+        "refusals": [],
     }
+    if seen["pins"]:
+        log = _pins.refusals(pin)
+        entry["refusals"] = log["refusals"]
+        entry["counters"]["refuse_rewrites"] = log["rewrites"]
+        entry["counters"]["refuse_fallbacks"] = log["fallbacks"]
     if params["connections"] and seen["pins"]:
         conns = _pins.connections(pin)
         config = seen["config"] or {}

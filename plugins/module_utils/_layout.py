@@ -18,7 +18,8 @@ import ipaddress
 from typing import Any
 
 LAYOUT_VERSION = 3
-MAP_NAMES = ("conns", "channels", "counters", "config", "overrides")
+MAP_NAMES = ("conns", "channels", "counters", "config", "refusals", "overrides")
+REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
 FLAG_STRICT = 2
@@ -100,6 +101,28 @@ class Counters(ctypes.Structure):
             "unparsed",
             "held",
         )
+    ]
+
+
+class Refusal(ctypes.Structure):
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("channel", ctypes.c_uint16),
+        ("consumers", ctypes.c_uint32),
+        ("action", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class RefusalLog(ctypes.Structure):
+    _fields_ = [
+        ("next", ctypes.c_uint64),
+        ("rewrites", ctypes.c_uint64),
+        ("fallbacks", ctypes.c_uint64),
+        ("pad", ctypes.c_uint64),
+        ("ring", Refusal * REFUSAL_LOG_LEN),
     ]
 
 

@@ -46,6 +46,15 @@ COUNTERS = {
     ),
     "resyncs": ("resyncs_total", "Times a connection found the AMQP frame boundaries again."),
     "unparsed": ("unparsed_total", "Segments that could not be parsed and passed (fail open)."),
+    # From the refusal log (rabbit_tc_limit_info adds them to an entry's counters).
+    "refuse_rewrites": (
+        "refuse_rewrites_total",
+        "Over-limit basic.consume methods refused by rewriting their queue name (refuse).",
+    ),
+    "refuse_fallbacks": (
+        "refuse_fallbacks_total",
+        "Over-limit basic.consume methods that could not be rewritten and were dropped (refuse).",
+    ),
 }
 
 GAUGES = {

@@ -13,8 +13,10 @@ from __future__ import absolute_import, annotations, division, print_function
 __metaclass__ = type
 
 import ctypes
+import datetime
 import errno
 import os
+import time
 from typing import Any
 
 from . import _bpfsys, _constants, _host, _layout, _names, _overrides
@@ -235,3 +237,53 @@ def connections(pin: str) -> list[dict[str, Any]]:
         del conn["_epoch"]
         out.append(conn)
     return sorted(out, key=lambda c: (-c["consumers"], c["client"], c["client_port"]))
+
+
+def _boot_to_wall() -> float:
+    """Seconds to add to a CLOCK_BOOTTIME reading to get the wall-clock time."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def refusals(pin: str) -> dict[str, Any]:
+    """The refusal log: the last REFUSAL_LOG_LEN refusals, newest first, and its counters.
+
+    An interface deployed before the log existed (no pin) reads as empty.
+    """
+    out: dict[str, Any] = {"refusals": [], "rewrites": 0, "fallbacks": 0, "logged": 0}
+    if not os.path.exists(os.path.join(pin, "refusals")):
+        return out
+    raw = _read_map(pin, "refusals", _ZERO_KEY, _layout.RefusalLog)
+    if raw is None:
+        return out
+    return decode_refusals(_layout.decode(_layout.RefusalLog, raw), _boot_to_wall())
+
+
+def decode_refusals(log: Any, boot_to_wall: float) -> dict[str, Any]:
+    """A RefusalLog as plain values (see refusals); boot_to_wall converts entry times."""
+    size = _layout.REFUSAL_LOG_LEN
+    entries = []
+    for n in range(log.next - 1, max(log.next - size, 0) - 1, -1):
+        entry = log.ring[n % size]
+        if not entry.time_ns:
+            continue  # reserved by the program, not written yet
+        wall = entry.time_ns / 1e9 + boot_to_wall
+        entries.append(
+            {
+                "time": datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(
+                    timespec="milliseconds"
+                ),
+                "client": _layout.address_text(entry.client_addr),
+                "client_port": entry.client_port,
+                "channel": entry.channel,
+                "consumers": entry.consumers,
+                "action": _constants.ACTIONS[entry.action]
+                if entry.action < len(_constants.ACTIONS)
+                else "unknown(%d)" % entry.action,
+            }
+        )
+    return {
+        "refusals": entries,
+        "rewrites": log.rewrites,
+        "fallbacks": log.fallbacks,
+        "logged": log.next,
+    }

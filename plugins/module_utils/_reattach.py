@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "pin_dir": _constants.DEFAULT_PIN_ROOT,
     "kernel_headers": None,
     "lock_timeout": _constants.DEFAULT_LOCK_TIMEOUT,
+    "broker_node": None,
+    "seed_from_broker": _constants.DEFAULT_SEED_FROM_BROKER,
     "overrides": [],
 }
 TEMPLATE_NAME = _render.TEMPLATE_NAME

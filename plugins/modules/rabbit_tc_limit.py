@@ -90,8 +90,17 @@ options:
       - V(reset) turns it into a TCP RST to the broker, which frees the connection at once;
         the client then gets a RST from the host.
       - V(monitor) refuses nothing, and counts what it would have refused.
+      - V(refuse) rewrites that consume's queue name in place (same length) to one no client
+        can have declared (C(amq.rabbitguard.consumer-limit-refused), cut or padded with
+        C(-); NUL octets for a name of 1 to 3 octets), so the broker closes that channel
+        alone with 404 NOT_FOUND; the connection and its other channels keep working, and
+        the channel is freed when the client confirms the close. Retransmissions are
+        rewritten the same way. Where no rewrite is possible (an empty queue name, the
+        name's length octet not in the segment, over-limit consumes on two channels in one
+        segment) the segment is dropped as with V(drop) and counted (C(refuse_fallbacks)
+        in M(rabbitguard.limiter.rabbit_tc_limit_info)).
     type: str
-    choices: [drop, reset, monitor]
+    choices: [drop, reset, monitor, refuse]
     default: drop
   frame_max:
     description:
@@ -132,6 +141,23 @@ options:
     description: Seconds to wait for another run of this module on the same host.
     type: int
     default: 120
+  seed_from_broker:
+    description:
+      - When the program is attached (or replaced), ask the broker (C(rabbitmqctl
+        list_connections) and C(list_channels), inside O(netns) when given) how many consumers
+        each client connection already holds, and start counting from there, so that a
+        connection older than the limiter keeps its count when the classifier joins its stream
+        (at its first well-formed frame). Connections the limiter already follows keep their
+        own counts.
+      - No C(rabbitmqctl), or a broker that does not answer, is a warning; counting then starts
+        at zero and the run does not fail.
+    type: bool
+    default: true
+  broker_node:
+    description:
+      - The RabbitMQ node that O(seed_from_broker) asks (C(rabbitmqctl -n)), a node name such
+        as V(rabbit@hostname). Default - the node C(rabbitmqctl) uses on the host.
+    type: str
   overrides:
     description:
       - Per-source limits. A client connection from an address inside an entry's
@@ -257,6 +283,8 @@ def build_module():
             pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             kernel_headers=dict(type="path"),
             lock_timeout=dict(type="int", default=C.DEFAULT_LOCK_TIMEOUT),
+            broker_node=dict(type="str"),
+            seed_from_broker=dict(type="bool", default=C.DEFAULT_SEED_FROM_BROKER),
             overrides=dict(
                 type="list",
                 elements="dict",

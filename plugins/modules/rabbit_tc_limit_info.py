@@ -147,8 +147,19 @@ limiters:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
           conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
-          strict mode dropped, to come again in order).
+          strict mode dropped, to come again in order); and from the refusal log,
+          refuse_rewrites (consumes refused in place by V(refuse)) and refuse_fallbacks
+          (consumes V(refuse) could not rewrite and dropped instead).
       type: dict
+    refusals:
+      description:
+        - The last 64 refusals on this interface, newest first - each with time (UTC, ISO
+          8601), client, client_port, channel, consumers (the connection's consumers when it
+          was refused) and action (the one taken - V(refuse), V(drop) (also where
+          V(refuse) had to fall back), V(reset), or V(monitor), which only reports).
+        - A refused consume is logged once, not again for each retransmission.
+      type: list
+      elements: dict
     connection_count:
       description: How many live client connections are tracked (only with O(connections=true)).
       type: int
@@ -174,6 +185,9 @@ limiters:
       connections:
         - {client: 198.18.0.2, client_port: 40022, broker: 198.18.0.11, broker_port: 5672,
            consumers: 10, channels: {"1": 10}, refused: 3, synced: true, limit: 50}
+      refusals:
+        - {time: "2026-11-30T13:02:11.482+00:00", client: 198.18.0.2, client_port: 40022,
+           channel: 2, consumers: 10, action: refuse}
 """
 
 from ansible.module_utils.basic import AnsibleModule

@@ -569,9 +569,148 @@ class AioPikaClient(Client):
 
 
 # ---------------------------------------------------------------------------------------------
+# Node amqplib (a node process per connection: tests/lib/amqplib_driver.js)
+# ---------------------------------------------------------------------------------------------
+NODE_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "amqplib_driver.js")
+NODE_MODULES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "node", "node_modules"
+)
+
+
+class NodeAmqplibClient(Client):
+    """amqplib in a Node process of its own, driven by JSON lines (scripts/setup-host.sh
+    installs it under tests/node)."""
+
+    library = "amqplib"
+
+    def __init__(self, *args, **kwargs):
+        import json
+        import subprocess
+
+        super().__init__(*args, **kwargs)
+        self._json = json
+        self._replies = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._dead = threading.Event()
+        self._up = queue_module.Queue()
+        self._proc = subprocess.Popen(
+            [
+                "node",
+                NODE_DRIVER,
+                self.addr,
+                str(self.port),
+                AMQP_USER,
+                AMQP_PASSWORD,
+                AMQP_VHOST,
+                str(self.heartbeat),
+                self.name or "rgi-amqplib",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True, name="amqplib reader")
+        self._reader.start()
+        try:
+            event = self._up.get(timeout=self.timeout + 5)
+        except queue_module.Empty:
+            event = {"event": "lost", "detail": "no connection in time"}
+        if event["event"] != "connected":
+            self._stop_process()
+            raise ClientError("connect", "connection", event.get("detail"), 0.0)
+        self.local_port = event["local_port"]
+
+    def _read(self):
+        for line in self._proc.stdout:
+            msg = self._json.loads(line)
+            event = msg.get("event")
+            if event == "connected":
+                self._up.put(msg)
+            elif event == "delivered":
+                self.delivered += 1
+            elif event == "lost":
+                self.lost = self.lost or msg.get("detail")
+                self._dead.set()
+                self._up.put(msg)
+            else:
+                with self._lock:
+                    future = self._replies.pop(msg["id"], None)
+                if future is not None:
+                    future.set_result(msg)
+        self._dead.set()
+
+    def _call(self, what, op, timeout=None, error=ClientError, **args):
+        timeout = self.timeout if timeout is None else timeout
+        start = time.monotonic()
+        if self._dead.is_set():
+            raise error(what, "connection", "connection lost: %s" % self.lost, 0.0)
+        future = concurrent.futures.Future()
+        with self._lock:
+            self._next += 1
+            ident = self._next
+            self._replies[ident] = future
+        self._proc.stdin.write(self._json.dumps(dict(args, id=ident, op=op)) + "\n")
+        self._proc.stdin.flush()
+        try:
+            reply = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise error(what, "timeout", "no reply", time.monotonic() - start) from None
+        if "error" in reply:
+            err = reply["error"]
+            raise error(what, err["kind"], err["detail"], time.monotonic() - start)
+        return reply["ok"]
+
+    @property
+    def alive(self):
+        return not self._dead.is_set()
+
+    def channel(self, timeout=None):
+        return self._call("channel.open", "channel", timeout)
+
+    def consume(self, channel, queue, timeout=CONSUME_TIMEOUT):
+        what = "basic.consume on channel %d" % channel
+        return self._call(what, "consume", timeout, ConsumeFailed, channel=channel, queue=queue)
+
+    def cancel(self, channel, tag, timeout=None):
+        return self._call("basic.cancel %s" % tag, "cancel", timeout, channel=channel, tag=tag)
+
+    def close_channel(self, channel, timeout=None):
+        return self._call("channel.close %d" % channel, "close_channel", timeout, channel=channel)
+
+    def publish(self, channel, queue, body, timeout=None):
+        import base64
+
+        encoded = base64.b64encode(body).decode()
+        return self._call("basic.publish", "publish", timeout, channel=channel, queue=queue,
+                          body=encoded)  # fmt: skip
+
+    def close(self, timeout=None):
+        if self.alive:
+            with contextlib.suppress(ClientError):
+                self._call("close", "close", timeout)
+        self._stop_process()
+
+    def _stop_process(self):
+        with contextlib.suppress(Exception):
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(2)
+        except Exception:  # noqa: BLE001 - a stalled stream: end the process we started
+            self._proc.kill()
+            self._proc.wait(2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers the tests use
 # ---------------------------------------------------------------------------------------------
-CLIENTS = {"pika": PikaClient, "aio-pika": AioPikaClient, "amqp": AmqpClient}
+CLIENTS = {
+    "pika": PikaClient,
+    "aio-pika": AioPikaClient,
+    "amqp": AmqpClient,
+    "amqplib": NodeAmqplibClient,
+}
 
 
 def connect(library, addr, name=None, **kwargs):

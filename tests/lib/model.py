@@ -17,6 +17,16 @@ from collections import Counter
 from . import amqp
 
 PASS, DROP, RST = "pass", "drop", "rst"
+# refuse: a refused consume's queue name becomes this, cut or padded with "-" to its length
+# (NUL octets for names of 1..3 octets, which cannot start with "amq.").
+REFUSED_NAME = b"amq.rabbitguard.consumer-limit-refused"
+
+
+def refused_name(length):
+    if length < 4:
+        return b"\x00" * length
+    return (REFUSED_NAME + b"-" * 255)[:length]
+
 
 _FRAME_TYPES = (amqp.METHOD, amqp.HEADER, amqp.BODY, amqp.HEARTBEAT)
 
@@ -35,6 +45,8 @@ class ConnectionModel:
         self.counts = Counter()  # allowed, refused, cancels, closes
         self.reset_sent = False
         self.closed = False
+        self.mark = None  # refuse: (stream offset, length) of the last rewritten name
+        self.output = b""  # refuse: the last segment as it reaches the broker
 
     @property
     def consumers(self):
@@ -42,6 +54,7 @@ class ConnectionModel:
 
     def segment(self, seq, payload):
         """The verdict on one client-to-broker segment."""
+        self.output = payload
         if self.reset_sent or self.closed:
             return PASS
         if self.start_seq is None:
@@ -55,7 +68,9 @@ class ConnectionModel:
         candidate = self.stream + payload[overlap:]
 
         channels, counts = dict(self.channels), Counter()
+        self._new_mark = None
         cursor, refused, closed = self._apply(candidate, self.cursor, channels, counts)
+        self.output = payload
         self.counts["refused"] += counts["refused"]
         if refused:
             # The broker's TCP takes a RST only exactly at the next sequence number it
@@ -66,6 +81,15 @@ class ConnectionModel:
                 return RST
             return DROP
         self.stream, self.cursor, self.channels = candidate, cursor, channels
+        # refuse: the name rewritten in this segment, else the last one (a retransmission,
+        # or the rest of a name the previous segment cut), one range per segment.
+        self.mark = self._new_mark or self.mark
+        if self.mark:
+            start, length = self.mark
+            out = bytearray(payload)
+            for i in range(max(start - offset, 0), min(start + length - offset, len(out))):
+                out[i] = refused_name(length)[offset + i - start]
+            self.output = bytes(out)
         for name in ("allowed", "cancels", "closes"):
             self.counts[name] += counts[name]
         if closed:
@@ -78,6 +102,7 @@ class ConnectionModel:
 
         Returns (cursor, refused, connection_closed).
         """
+        rewritten = None  # refuse: the channel whose consume this segment rewrites
         while True:
             # A frame's end octet is checked once the next frame's position is reached.
             after_frame = cursor > len(amqp.PROTOCOL_HEADER)
@@ -102,6 +127,22 @@ class ConnectionModel:
                         raise Malformed("basic.consume without its end octet at %d" % cursor)
                     if sum(channels.values()) >= self.limit:
                         counts["refused"] += 1
+                        if self.action == "refuse":
+                            # Refused in place (its queue name rewritten: the broker closes
+                            # that channel), not counted; the walk goes on. Dropped instead
+                            # when the name's length octet is not in this segment, the name
+                            # is empty, or a second channel needs a rewrite in the segment;
+                            # another one on the same channel needs none.
+                            name_len_at = cursor + 13
+                            if rewritten is None:
+                                if name_len_at >= len(data) or data[name_len_at] == 0:
+                                    return cursor, True, False
+                                rewritten = channel
+                                self._new_mark = (name_len_at + 1, data[name_len_at])
+                            elif channel != rewritten:
+                                return cursor, True, False
+                            cursor = end + 1
+                            continue
                         if self.action != "monitor":
                             return cursor, True, False
                     else:

@@ -57,6 +57,7 @@ class Site:
             pin_dir=self.pin_root,
             kernel_headers=None,
             lock_timeout=120,
+            seed_from_broker=False,  # no broker here (tests/integration/test_seed.py)
         )
         params.update(overrides)
         return params

@@ -73,6 +73,9 @@ def host():
     # on after `ip netns del`, and so does the veth pair in it.
     subprocess.run(["ip", "link", "del", "rgpre0"], stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL, check=False)
+    # A run killed before its teardown can leave the host end behind, its peer in a
+    # namespace a process still held when it was deleted.
+    subprocess.run(["ip", "link", "del", "rgpre0"], stderr=subprocess.DEVNULL, check=False)
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
     subprocess.run(
         ["ip", "link", "add", "rgpre0", "type", "veth", "peer", "name", "eth0", "netns", NETNS],

@@ -178,6 +178,9 @@ class FakeModule:
             pin_dir=PIN_ROOT,
             kernel_headers=None,
             lock_timeout=C.DEFAULT_LOCK_TIMEOUT,
+            # The fake host has no broker to ask (tests/unit/test_seed.py covers seeding).
+            seed_from_broker=False,
+            broker_node=None,
             overrides=[],
             _template=None,
         )

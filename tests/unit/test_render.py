@@ -47,7 +47,7 @@ def test_digest_follows_the_config():
         ("port", True, "port must be an integer"),
         ("limit", -1, "limit must be between 0 and 65535, got -1"),
         ("limit", 1.5, "limit must be an integer"),
-        ("action", "block", "action must be one of drop, reset, monitor, got 'block'"),
+        ("action", "block", "action must be one of drop, reset, monitor, refuse, got 'block'"),
         ("l2", "ppp", "l2 must be one of ethernet, none"),
         ("frame_max", 100, "frame_max must be between 4096"),
         ("strict", "yes", "strict must be a boolean, got 'yes'"),
