@@ -17,8 +17,8 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 2
-MAP_NAMES = ("conns", "channels", "counters", "config")
+LAYOUT_VERSION = 3
+MAP_NAMES = ("conns", "channels", "counters", "config", "egress")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
 # DeployedConfig.action holds an action's index in _constants.ACTIONS (the C enum's order).
@@ -80,6 +80,19 @@ class Counters(ctypes.Structure):
             "resyncs",
             "unparsed",
         )
+    ]
+
+
+class EgressState(ctypes.Structure):
+    """The broker-to-client stream position of one connection (rabbit_limiter_egress)."""
+
+    _fields_ = [
+        ("next_hdr", ctypes.c_uint32),
+        ("synced", ctypes.c_uint8),
+        ("stash_len", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("stash", ctypes.c_uint8 * 11),
+        ("pad2", ctypes.c_uint8 * 5),
     ]
 
 
