@@ -48,10 +48,14 @@ class Dataplane:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             self.source = _render.render(self.config, _render.read_template(template_path))
             self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
-            self.egress = _compile.load_egress(self.bpf)
+            # An older template (a benchmark's "before") has no egress program or map.
+            self.egress = None
+            if _compile.EGRESS_FUNCTION in self.source:
+                self.egress = _compile.load_egress(self.bpf)
             self.map_fds = {
                 name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
                 for name in _layout.MAP_NAMES
+                if os.path.exists(os.path.join(self.pin_dir, name))
             }
         except Exception:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -121,7 +125,9 @@ class Dataplane:
             ("channels", _layout.ChanKey),
             ("egress", _layout.ConnKey),
         ):
-            fd = self.map_fds[name]
+            fd = self.map_fds.get(name)
+            if fd is None:
+                continue
             for key in list(_bpfsys.map_keys(fd, ctypes.sizeof(key_type))):
                 _bpfsys.map_delete(fd, key)
         slot = (ctypes.sizeof(_layout.Counters) + 7) & ~7
