@@ -213,3 +213,17 @@ def test_egress_never_drops(dp):
         broker.send(payload)
     broker.send(b"", flags=packets.RST)
     broker.send(amqp.server_cancel(1), flags=packets.FIN | packets.ACK)
+
+
+def test_failed_consume_counts_once_across_both_directions(dp):
+    """A consume on a queue that does not exist: the broker closes the channel (404), the
+    client answers close-ok. Freed once, by whichever direction comes first."""
+    flow, broker = opened(dp, consumers=2, channel=1)
+    assert flow.send(amqp.channel_open(2) + amqp.consume(2, queue="missing")) == TC_ACT_OK
+    assert flow.consumers() == 3
+    broker.send(amqp.channel_close(2))
+    assert flow.consumers() == 2
+    assert flow.send(amqp.channel_close_ok(2)) == TC_ACT_OK
+    assert flow.consumers() == 2 and flow.channels() == {1: 2}
+    assert flow.send(amqp.consume(3)) == TC_ACT_OK
+    assert flow.send(amqp.consume(3)) == TC_ACT_SHOT
