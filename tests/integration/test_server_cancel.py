@@ -55,7 +55,7 @@ def test_resubscribing_after_server_cancels_is_never_refused(ansible, limited, c
         assert first.count == 1 and first.error is None, first
         for i in range(10):
             delete_queue(names[i])  # the broker cancels the consumer, the client is silent
-            assert wait_for(lambda: broker_consumers(limited, client) == 0, 10)
+            assert wait_for(lambda: broker_consumers(HOST, client) == 0, 10)
             again = open_consumers(client, names[i + 1], 1, channels=[channel])
             assert again.count == 1 and again.error is None, (i, again)
         assert client.alive
