@@ -107,10 +107,13 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "/usr/bin/epmd"
 SSHD = "/usr/sbin/sshd"
-# Host directories replaced by a private per-host directory inside each lab host. The last is
-# the limiter's runtime directory (its host lock): each lab host keeps its own, as real hosts
-# do, so that runs on different lab hosts never queue behind one another's lock.
-PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq", "/run/rabbitguard")
+# Host directories replaced by a private per-host directory inside each lab host (the broker's;
+# rabbitmq-server's package makes them on this machine).
+PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq")
+# Private in every lab host too, made as a mountpoint here when missing (like the extra dirs):
+# the limiter's runtime directory, which holds its host lock. Each lab host keeps its own, as
+# real hosts do, so that runs on different lab hosts never queue behind one another's lock.
+RUNTIME_DIRS = ("/run/rabbitguard",)
 
 SSHD_TIMEOUT = 10.0
 EPMD_TIMEOUT = 10.0
@@ -203,8 +206,14 @@ class Config:
         return cls(prefix=prefix, subnet=subnet, state_dir=state_dir, extra_private_dirs=extra)
 
     @property
+    def local_private_dirs(self) -> tuple[str, ...]:
+        """The private dirs beyond the broker's: mountpoints made here when missing."""
+        extra = tuple(p for p in self.extra_private_dirs if p not in PRIVATE_DIRS + RUNTIME_DIRS)
+        return RUNTIME_DIRS + extra
+
+    @property
     def private_dirs(self) -> tuple[str, ...]:
-        return PRIVATE_DIRS + tuple(p for p in self.extra_private_dirs if p not in PRIVATE_DIRS)
+        return PRIVATE_DIRS + self.local_private_dirs
 
     @property
     def bridge(self) -> str:
@@ -828,7 +837,7 @@ def _start_keeper(cfg: Config) -> _Keeper:
 def _ensure_mountpoints(cfg: Config, state: dict, changes: _Changes) -> None:
     """Extra private dirs need a mountpoint on this machine; down() removes the ones made here."""
     made = state.setdefault("made_dirs", [])
-    for path in cfg.extra_private_dirs:
+    for path in cfg.local_private_dirs:
         if not os.path.isdir(path):
             missing = path
             while not os.path.isdir(os.path.dirname(missing)):
@@ -864,7 +873,7 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
     dirty = set()
     for host in hosts_:
         os.makedirs(host.dir, mode=0o755, exist_ok=True)
-        for path in cfg.extra_private_dirs:
+        for path in cfg.local_private_dirs:
             copy = host.private_dir(path)
             if not os.path.isdir(copy):
                 # The host starts from what this machine has there; then it is the host's own.

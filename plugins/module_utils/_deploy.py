@@ -103,6 +103,7 @@ def validate_options(params: Params) -> None:
         "ethernet",
         _constants.BPFFS_ROOT + "/check",
         params["frame_max"],
+        params["strict"],
     )
 
 
@@ -153,7 +154,7 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
     prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
     if pins and prog_id:
         observation["maps_match"] = _pins.program_uses_pins(pin, prog_id)
-        egress_id = egress.get("prog_id") if _plan.is_ours(egress) else None
+        egress_id = egress.get("prog_id") if egress and _plan.is_ours(egress) else None
         if observation["maps_match"] and egress_id:
             observation["maps_match"] = _pins.program_uses_pins(pin, egress_id)
     return observation
@@ -170,6 +171,7 @@ def desire(
         l2_kind(tc, ifname),
         _names.pin_dir(pin_root, ns_key, ifname),
         params["frame_max"],
+        params["strict"],
     )
     source = _render.render(config, template)
     return source, {"config": config, "digest": _render.source_digest(source)}

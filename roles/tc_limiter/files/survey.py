@@ -48,7 +48,7 @@ def os_family():
     try:
         with open("/etc/os-release") as handle:
             for line in handle:
-                key, _, value = line.strip().partition("=")
+                key, _sep, value = line.strip().partition("=")
                 value = value.strip("\"'")
                 if key == "ID":
                     ident = value
@@ -87,6 +87,7 @@ def missing_packages(manager, names):
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             universal_newlines=True,  # noqa: UP021 - 3.6
+            check=False,  # a package that is not installed makes the query fail: that is data
         )
     except OSError:
         return list(names)
