@@ -7,6 +7,7 @@ source and maps, on both payload read paths (conftest `dataplanes`).
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout
 from tests.lib import amqp, packets
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
 
@@ -171,6 +172,39 @@ def test_server_channel_close_frees_the_channel_once(dp):
     assert flow.send(amqp.channel_close_ok(1)) == TC_ACT_OK
     broker.send(amqp.channel_close_ok(2))
     assert flow.channels() == {2: 1} and flow.consumers() == 1
+
+
+def test_server_cancel_and_close_on_an_overflow_channel(dp):
+    # Channel 9's slot (9 mod 8 = 1) is held by channel 1: its count is in the overflow map.
+    flow, broker = opened(dp, consumers=1, channel=1)
+    assert flow.send(amqp.consume(9)) == TC_ACT_OK
+    assert flow.send(amqp.consume(9)) == TC_ACT_OK
+    assert flow.channels() == {1: 1, 9: 2} and flow.consumers() == 3
+    assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
+    broker.send(amqp.consume_ok(1) + amqp.server_cancel(9))
+    assert flow.channels() == {1: 1, 9: 1} and flow.consumers() == 2
+    broker.send(amqp.channel_close(9))
+    assert flow.channels() == {1: 1} and flow.consumers() == 1
+    # Freed for real: two more consumers fit, the third is refused.
+    assert flow.send(amqp.consume(9)) == TC_ACT_OK
+    assert flow.send(amqp.consume(2)) == TC_ACT_OK
+    assert flow.send(amqp.consume(3)) == TC_ACT_SHOT
+
+
+def test_a_total_freed_twice_reads_as_zero_and_is_set_right(dp):
+    """Both directions freed the same consumer at once (the client's cancel crossing the
+    broker's, on two CPUs): each applies its change as a delta, so the total can go below
+    zero for a moment. The next client segment reads it as zero and writes it right."""
+    flow, broker = opened(dp, consumers=1, channel=1)
+    state = flow.state()
+    state.consumers = 0xFFFFFFFF  # -1: what the two deltas leave
+    key = _layout.conn_key(flow.client, flow.client_port, flow.broker, dp.port)
+    _bpfsys.map_update(dp.map_fds["conns"], bytes(key), bytes(state))
+    for expected in (1, 2, 3):
+        assert flow.send(amqp.consume(2)) == TC_ACT_OK
+        assert flow.consumers() == expected
+    assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
+    assert flow.consumers() == 3
 
 
 def test_cancel_ok_is_not_a_second_cancel(dp):
