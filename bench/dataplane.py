@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Nanoseconds per packet of the limiter, side by side with a no-op tc program (the floor)
-and the naive first-frame limiter (bench/naive_limiter.c), in one run.
+and the naive first-frame limiter (bench/naive_limiter.c), in one run; then the egress
+program (the broker's segments to its consumers) against the same floor.
 
     sudo .venv/bin/python bench/dataplane.py [--samples N] [--before TEMPLATE]
 
@@ -68,6 +69,47 @@ def cases():
         ("16 pipelined frames", amqp_packet(sixteen), 0, 0),
         ("consume over the limit (refused)", amqp_packet(amqp.consume(1)), 0, LIMIT),
     ]
+
+
+def broker_packet(payload):
+    return packets.tcp_packet(BROKER, CLIENT, 5672, SPORT, SEQ, payload)
+
+
+def egress_cases():
+    """The broker's segments: what every consumer's deliveries cost on the egress hook."""
+    small = amqp.deliver(1, b"m" * 100)
+    sixteen = amqp.deliver(1, b"m" * 40) * 16  # 16 deliveries of 3 frames
+    big = amqp.deliver(1, b"b" * 3500)
+    # A 64 KiB GRO/GSO segment of bodies is a few header reads through bpf_skb_load_bytes,
+    # whatever its length: its bytes are skipped by position. BPF_PROG_TEST_RUN builds one
+    # page at most, so the stand-in is a 3.5 KiB segment with the same reads (the end of one
+    # delivery's body, the next delivery's three headers, the start of its body), run on
+    # the helper-only variant.
+    tail_and_next = b"t" * 1000 + amqp.deliver(1, b"n" * 5000)[:2600]
+    return [
+        # name, packet, next frame header (relative to SEQ), helper-only variant
+        ("delivery, small (3 frames)", broker_packet(small), 0, False),
+        ("delivery, 3.5 KiB (3 frames)", broker_packet(big), 0, False),
+        ("3.5 KiB inside a body", broker_packet(b"b" * 3600), 70000, False),
+        ("16 pipelined deliveries (48 frames)", broker_packet(sixteen), 0, False),
+        ("64 KiB GRO stand-in (3 headers, helper reads)", broker_packet(tail_and_next), 1000, True),
+        ("delivery, small, helper reads", broker_packet(small), 0, True),
+    ]
+
+
+class EgressLimiter:
+    """Our egress program: restores the connection's egress position before every sample."""
+
+    def __init__(self, dp):
+        self.dp = dp
+        self.key = bytes(_layout.conn_key(CLIENT, SPORT, BROKER, 5672))
+
+    def prepare(self, header_at):
+        state = _layout.EgressState(next_hdr=SEQ + header_at, synced=1)
+        _bpfsys.map_update(self.dp.map_fds["egress"], self.key, bytes(state))
+
+    def fd(self):
+        return self.dp.egress.fd
 
 
 class Limiter:
@@ -189,6 +231,27 @@ def main():
                     "| %s | %d | %d | %d | %.2fx | %.2fx |"
                     % (name, noop, naive, mine, mine / noop, mine / naive)
                 )
+
+        helper_dp = Dataplane(limit=LIMIT, action="drop", force_skb_load_bytes=True)
+        try:
+            egress = {False: EgressLimiter(ours.dp), True: EgressLimiter(helper_dp)}
+            egress_rows = []
+            for name, packet, header_at, helper in egress_cases():
+                limiter = egress[helper]
+                fds = [base.fds["noop"], limiter.fd()]
+                egress_rows.append(
+                    [name]
+                    + single_runs(
+                        fds, packet, args.samples, lambda h=header_at, x=limiter: x.prepare(h)
+                    )
+                )
+        finally:
+            helper_dp.close()
+        print("\nEgress program (broker to client), median ns per packet, same method\n")
+        print("| case | no-op (floor) | rabbitguard egress | vs floor |")
+        print("|---|---:|---:|---:|")
+        for name, noop, mine in egress_rows:
+            print("| %s | %d | %d | %.2fx |" % (name, noop, mine, mine / noop))
 
         print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
         print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")

@@ -17,6 +17,8 @@ from typing import Any
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
+# The broker-to-client program of the pair (clsact egress), from the same source and maps.
+EGRESS_FUNCTION = "rabbit_limiter_egress"
 _CFLAGS: list[str] = []
 
 
@@ -41,7 +43,26 @@ def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
     return bpf, function
 
 
+def load_egress(bpf: Any) -> Any:
+    """The egress program of a source compile_and_load compiled (same maps)."""
+    from bcc import BPF
+
+    try:
+        return bpf.load_func(EGRESS_FUNCTION.encode(), BPF.SCHED_CLS)
+    except Exception as e:  # BCC raises bare Exception for verifier errors
+        raise LimiterError("loading the limiter's egress program: %s" % e, {"cause": str(e)}) from e
+
+
 def compile_isolated(source: str, pin_dir: str) -> int:
+    """The ingress program only (see compile_pair_isolated); the caller closes the fd."""
+    from . import _bpfsys
+
+    ingress, egress = compile_pair_isolated(source, pin_dir)
+    _bpfsys.close(egress)
+    return ingress
+
+
+def compile_pair_isolated(source: str, pin_dir: str) -> tuple[int, int]:
     """Compile and load in a child process; return the program fd (caller closes it).
 
     BCC writes compiler diagnostics to stdout (which would corrupt a module's JSON
@@ -49,6 +70,8 @@ def compile_isolated(source: str, pin_dir: str) -> int:
     compiles with both streams sent to a log, pins the loaded program at a temporary path,
     and exits; the parent takes the program from the pin and unpins it. A crash or error
     in the child becomes a LimiterError carrying the compiler's first error line.
+
+    Return: (ingress, egress) program fds, both using the maps pinned in pin_dir.
     """
     import tempfile
 
@@ -56,6 +79,7 @@ def compile_isolated(source: str, pin_dir: str) -> int:
 
     # bpffs refuses names with a dot in them.
     prog_pin = os.path.join(pin_dir, "loading-%d" % os.getpid())
+    egress_pin = os.path.join(pin_dir, "loading-egress-%d" % os.getpid())
     with tempfile.TemporaryFile() as log:
         pid = os.fork()
         if pid == 0:  # the child: never returns
@@ -64,7 +88,9 @@ def compile_isolated(source: str, pin_dir: str) -> int:
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
                 bpf, function = compile_and_load(source, pin_dir)
+                egress = load_egress(bpf)
                 _bpfsys.obj_pin(function.fd, prog_pin)
+                _bpfsys.obj_pin(egress.fd, egress_pin)
                 bpf.cleanup()
                 status = 0
             except LimiterError as e:
@@ -76,10 +102,22 @@ def compile_isolated(source: str, pin_dir: str) -> int:
         log.seek(0)
         output = log.read().decode("utf-8", "replace")
     if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+        fds: list[int] = []
         try:
-            return _bpfsys.obj_get(prog_pin)
+            for path in (prog_pin, egress_pin):
+                fds.append(_bpfsys.obj_get(path))
+        except Exception:
+            for fd in fds:
+                _bpfsys.close(fd)
+            raise
         finally:
-            os.unlink(prog_pin)
+            for path in (prog_pin, egress_pin):
+                if os.path.exists(path):
+                    os.unlink(path)
+        return fds[0], fds[1]
+    for path in (prog_pin, egress_pin):
+        if os.path.exists(path):
+            os.unlink(path)
     if os.WIFSIGNALED(wait_status):
         how = "the compiler crashed (signal %d)" % os.WTERMSIG(wait_status)
     else:

@@ -52,6 +52,16 @@ DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"
 # filter in place and never adds a second one.
 FILTER_PREF = 49152
 FILTER_HANDLE = 0x5247
+# The egress program's slot on the clsact egress hook of the same interface (the broker-to-
+# client stream: server-sent cancels and closes). Deployed, replaced and removed with the
+# ingress filter, under the same name.
+EGRESS_FILTER_PREF = 49152
+EGRESS_FILTER_HANDLE = 0x5248
+# Frames walked per broker segment by the egress program (a bounded loop, like MAX_FRAMES):
+# about 85 small deliveries of three frames; a segment with more loses the stream until a
+# later segment starts on a frame. 256 verifies in ~75k instructions, 512 in ~600k (of the
+# kernel's 1M): the margin is kept for other kernels' verifiers.
+EGRESS_MAX_FRAMES = 256
 # Frames walked per segment: a bounded loop the verifier unrolls, so it is not a user knob.
 MAX_FRAMES = 256
 

@@ -148,6 +148,13 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
     filters = tc.list_filters(ifname) if tc is not None and exists else []
     slot = (_constants.FILTER_PREF, _constants.FILTER_HANDLE)
     found = [f for f in filters if (f["pref"], f["handle"]) == slot]
+    egress = (
+        tc.find_filter(
+            ifname, _constants.EGRESS_FILTER_PREF, _constants.EGRESS_FILTER_HANDLE, "egress"
+        )
+        if tc is not None and exists
+        else None
+    )
     pins = _pins.pins_present(pin)
     observation = {
         "exists": exists,
@@ -155,12 +162,16 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
         "pin_dir": pin,
         "config": _pins.read_config(pin),
         "filter": found[0] if found else None,
+        "egress_filter": egress,
         "shadows": [f for f in filters if f["pref"] < _constants.FILTER_PREF],
         "maps_match": None,
     }
     prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
     if pins and prog_id:
         observation["maps_match"] = _pins.program_uses_pins(pin, prog_id)
+        egress_id = egress.get("prog_id") if egress and _plan.is_ours(egress) else None
+        if observation["maps_match"] and egress_id:
+            observation["maps_match"] = _pins.program_uses_pins(pin, egress_id)
     return observation
 
 
@@ -223,22 +234,33 @@ def deploy(
     pin = config["pin_dir"]
     new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
-    prog_fd = None
+    prog_fd = egress_fd = None
     overrides_before = (observed.get("config") or {}).get("overrides")
     try:
-        prog_fd = _compile.compile_isolated(source, pin)
+        prog_fd, egress_fd = _compile.compile_pair_isolated(source, pin)
         # Before the attach, so that the new program limits by source from its first packet.
         _overrides.sync(pin, config.get("overrides") or [])
         if prime is not None:
             prime(ifname, pin)
         created_clsact = tc.ensure_clsact(ifname)
         _clear_foreign(tc, ifname, observed.get("filter"))
+        _clear_foreign(tc, ifname, observed.get("egress_filter"), "egress")
+        # The pair under one name: ingress first (the limit), then egress (the broker's
+        # cancels), each swapped in place.
         tc.attach(
             ifname,
             prog_fd,
             _plan.filter_name(digest),
             _constants.FILTER_PREF,
             _constants.FILTER_HANDLE,
+        )
+        tc.attach(
+            ifname,
+            egress_fd,
+            _plan.filter_name(digest),
+            _constants.EGRESS_FILTER_PREF,
+            _constants.EGRESS_FILTER_HANDLE,
+            "egress",
         )
     except Exception:
         if created_clsact:
@@ -250,6 +272,7 @@ def deploy(
         else:
             _pins.unpin(pin, new_pins)
         _bpfsys.close(prog_fd)
+        _bpfsys.close(egress_fd)
         raise
     try:
         previously = (observed.get("config") or {}).get("created_clsact", False)
@@ -257,13 +280,16 @@ def deploy(
         return _program_id(prog_fd)
     finally:
         _bpfsys.close(prog_fd)
+        _bpfsys.close(egress_fd)
 
 
 def _program_id(prog_fd: int) -> int:
     return int(_bpfsys.prog_info(prog_fd)["id"])
 
 
-def _clear_foreign(tc: _tc.Tc, ifname: str, found: dict[str, Any] | None) -> None:
+def _clear_foreign(
+    tc: _tc.Tc, ifname: str, found: dict[str, Any] | None, hook: str = "ingress"
+) -> None:
     """Delete a foreign filter in our slot that attach cannot swap in place.
 
     The kernel keeps one classifier kind and one protocol per pref, so a replace at our
@@ -276,13 +302,7 @@ def _clear_foreign(tc: _tc.Tc, ifname: str, found: dict[str, Any] | None) -> Non
         return
     if found.get("kind") == "bpf" and found.get("protocol") == _tc.ETH_P_ALL:
         return
-    tc.delete_filter(
-        ifname,
-        found["kind"],
-        found["protocol"],
-        _constants.FILTER_PREF,
-        _constants.FILTER_HANDLE,
-    )
+    tc.delete_filter(ifname, found["kind"], found["protocol"], found["pref"], found["handle"], hook)
 
 
 def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
@@ -290,6 +310,10 @@ def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
     if observed.get("exists"):
         if _plan.is_ours(observed.get("filter")):
             tc.detach(ifname, _constants.FILTER_PREF, _constants.FILTER_HANDLE)
+        if _plan.is_ours(observed.get("egress_filter")):
+            tc.detach(
+                ifname, _constants.EGRESS_FILTER_PREF, _constants.EGRESS_FILTER_HANDLE, "egress"
+            )
         if (observed.get("config") or {}).get("created_clsact"):
             tc.remove_clsact_if_empty(ifname)
     _pins.unpin_interface(observed["pin_dir"])

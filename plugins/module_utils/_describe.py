@@ -60,6 +60,9 @@ def describe(
         "config": _plan.public_config(seen["config"]),
         "attached": ours and seen["pins"] and drift is None,
         "program_id": tc_filter["prog_id"] if ours else None,
+        "egress_program_id": (seen["egress_filter"] or {}).get("prog_id")
+        if _plan.is_ours(seen["egress_filter"])
+        else None,
         "drift": drift,
         "warnings": _plan.shadow_warnings(ifname, seen, C.FILTER_PREF) if ours else [],
         "counters": _pins.counters(pin) if seen["pins"] else None,

@@ -18,7 +18,7 @@ import ipaddress
 from typing import Any
 
 LAYOUT_VERSION = 3
-MAP_NAMES = ("conns", "channels", "counters", "config", "refusals", "overrides")
+MAP_NAMES = ("conns", "channels", "counters", "config", "refusals", "overrides", "egress")
 REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
@@ -123,6 +123,19 @@ class RefusalLog(ctypes.Structure):
         ("fallbacks", ctypes.c_uint64),
         ("pad", ctypes.c_uint64),
         ("ring", Refusal * REFUSAL_LOG_LEN),
+    ]
+
+
+class EgressState(ctypes.Structure):
+    """The broker-to-client stream position of one connection (rabbit_limiter_egress)."""
+
+    _fields_ = [
+        ("next_hdr", ctypes.c_uint32),
+        ("synced", ctypes.c_uint8),
+        ("stash_len", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("stash", ctypes.c_uint8 * 11),
+        ("pad2", ctypes.c_uint8 * 5),
     ]
 
 

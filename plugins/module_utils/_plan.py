@@ -9,6 +9,8 @@ An observation of one interface (see _deploy.observe) is a dict:
     pins      True when all of the limiter's maps are pinned for it
     config    the deployed config read from the pinned config map (a dict), or None
     filter    the ingress filter at our pref/handle: {"name", "prog_id"}, or None
+    egress_filter  the egress filter at our egress pref/handle, likewise: the pair's other
+              half, deployed, replaced and removed with the ingress one under the same name
     maps_match  False when the attached program does not use the pinned maps (None: not
               known, e.g. no filter or no pins)
     shadows   filters at an earlier pref on the same hook, which run first
@@ -39,6 +41,9 @@ FOREIGN = "another program sits at the limiter's tc pref/handle"
 CONFIG_GONE = "the pinned config does not match the attached filter"
 MAPS_DIFFER = "the attached program does not use the pinned maps"
 IFACE_GONE = "the interface is gone but its pinned maps are there"
+EGRESS_GONE = "the egress filter (server-sent cancels) is missing"
+EGRESS_FOREIGN = "another program sits at the limiter's tc egress pref/handle"
+EGRESS_DIFFERS = "the egress filter is not the ingress filter's pair"
 
 
 def filter_name(digest: str) -> str:
@@ -56,7 +61,7 @@ def plan_interface(
     ours = is_ours(observed.get("filter"))
     foreign = observed.get("filter") is not None and not ours
     if desired is None:
-        if ours or observed.get("pins"):
+        if ours or is_ours(observed.get("egress_filter")) or observed.get("pins"):
             return REMOVE, None
         return NONE, None
     if foreign:
@@ -67,6 +72,9 @@ def plan_interface(
         return REPAIR, PINS_GONE
     if observed["filter"]["name"] != filter_name(desired["digest"]):
         return REPLACE, None
+    egress_problem = _egress_drift(observed)
+    if egress_problem:
+        return REPAIR, egress_problem
     if observed.get("maps_match") is False:
         return REPAIR, MAPS_DIFFER
     if (observed.get("config") or {}).get("digest") != desired["digest"]:
@@ -74,6 +82,18 @@ def plan_interface(
     if (observed["config"].get("overrides") or []) != (desired["config"].get("overrides") or []):
         return UPDATE, None
     return NONE, None
+
+
+def _egress_drift(observed: dict[str, Any]) -> str | None:
+    """What is wrong with the egress half of a pair whose ingress filter is ours."""
+    egress = observed.get("egress_filter")
+    if egress is None:
+        return EGRESS_GONE
+    if not is_ours(egress):
+        return EGRESS_FOREIGN
+    if egress.get("name") != observed["filter"]["name"]:
+        return EGRESS_DIFFERS
+    return None
 
 
 def drift(observed: dict[str, Any]) -> str | None:
@@ -93,6 +113,9 @@ def drift(observed: dict[str, Any]) -> str | None:
     config = observed.get("config")
     if config is None or tc_filter.get("name") != filter_name(config["digest"]):
         return CONFIG_GONE
+    egress_problem = _egress_drift(observed)
+    if egress_problem:
+        return egress_problem
     if observed.get("maps_match") is False:
         return MAPS_DIFFER
     return None

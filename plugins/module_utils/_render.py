@@ -91,7 +91,12 @@ def validate(
 def template_values(config: dict[str, Any]) -> dict[str, Any]:
     """The variables a template sees: the config and the enums' numbers from _constants."""
     codes = {name: number for number, name in enumerate(ACTIONS)}
-    return dict(config, action_code=codes[config["action"]], action_codes=codes)
+    return dict(
+        config,
+        action_code=codes[config["action"]],
+        action_codes=codes,
+        egress_max_frames=_constants.EGRESS_MAX_FRAMES,
+    )
 
 
 def default_template_path() -> str:

@@ -52,6 +52,8 @@ CLONE_NEWNET = 0x40000000
 TC_H_CLSACT = 0xFFFFFFF1  # clsact and ingress qdiscs both sit here
 TC_H_INGRESS_HOOK = 0xFFFFFFF2  # ffff:fff2, clsact ingress (tc ... ingress)
 TC_H_EGRESS_HOOK = 0xFFFFFFF3  # ffff:fff3, clsact egress
+# The two clsact hooks a filter sits on: the limiter's pair has one program on each.
+HOOKS = {"ingress": TC_H_INGRESS_HOOK, "egress": TC_H_EGRESS_HOOK}
 ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
@@ -370,18 +372,20 @@ class Tc:
 
     # -- filters ---------------------------------------------------------------
 
-    def list_filters(self, ifname: str) -> list[dict[str, Any]]:
-        """Filters on ifname's clsact ingress hook, in dump order (by pref):
+    def list_filters(self, ifname: str, hook: str = "ingress") -> list[dict[str, Any]]:
+        """Filters on ifname's clsact hook (ingress or egress), in dump order (by pref):
         dicts of pref, protocol, handle, kind, name, direct_action, prog_id,
         prog_tag (the last four None where the kind is not bpf)."""
         return [
             _filter_view(msg)
-            for msg in self._dump_filters(ifname, TC_H_INGRESS_HOOK)
+            for msg in self._dump_filters(ifname, HOOKS[hook])
             if msg["handle"] and msg.get_attr("TCA_OPTIONS") is not None
         ]
 
-    def attach(self, ifname: str, prog_fd: int, name: str, pref: int, handle: int) -> None:
-        """Put prog_fd at (pref, handle) on ifname's ingress, direct-action, all
+    def attach(
+        self, ifname: str, prog_fd: int, name: str, pref: int, handle: int, hook: str = "ingress"
+    ) -> None:
+        """Put prog_fd at (pref, handle) on ifname's hook (ingress), direct-action, all
         protocols. Create-or-replace in one netlink request: an existing filter
         there is swapped atomically, and no second filter is ever added."""
         _check_name(name)
@@ -400,36 +404,41 @@ class Tc:
                 handle,
                 fd=prog_fd,
                 name=name,
-                parent=TC_H_INGRESS_HOOK,
+                parent=HOOKS[hook],
                 prio=pref,
                 protocol=ETH_P_ALL,
                 direct_action=True,
             )
         except _NL_ERRORS as e:
-            doing = "attaching BPF filter %s (pref %d, handle %d) to ingress of" % (
+            doing = "attaching BPF filter %s (pref %d, handle %d) to %s of" % (
                 name,
                 pref,
                 handle,
+                hook,
             )
             raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
-    def find_filter(self, ifname: str, pref: int, handle: int) -> dict[str, Any] | None:
-        """The ingress filter at (pref, handle) on ifname, or None."""
-        for tc_filter in self.list_filters(ifname):
+    def find_filter(
+        self, ifname: str, pref: int, handle: int, hook: str = "ingress"
+    ) -> dict[str, Any] | None:
+        """The filter at (pref, handle) on ifname's hook, or None."""
+        for tc_filter in self.list_filters(ifname, hook):
             if tc_filter["pref"] == pref and tc_filter["handle"] == handle:
                 return tc_filter
         return None
 
-    def delete_filter(self, ifname: str, kind: str, protocol: int, pref: int, handle: int) -> None:
-        """Delete the ingress filter at (pref, handle) of this kind and protocol, whatever it
-        is (the kernel matches a deletion on kind and protocol too)."""
+    def delete_filter(
+        self, ifname: str, kind: str, protocol: int, pref: int, handle: int, hook: str = "ingress"
+    ) -> None:
+        """Delete the filter at (pref, handle) of this kind and protocol on the hook, whatever
+        it is (the kernel matches a deletion on kind and protocol too)."""
         try:
             self.ipr.tc(
                 "del-filter",
                 kind,
                 self.interface_index(ifname),
                 handle,
-                parent=TC_H_INGRESS_HOOK,
+                parent=HOOKS[hook],
                 prio=pref,
                 protocol=protocol,
             )
@@ -442,10 +451,10 @@ class Tc:
             )
             raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
 
-    def detach(self, ifname: str, pref: int, handle: int) -> bool:
-        """Delete the ingress filter at (pref, handle); False if there was none."""
+    def detach(self, ifname: str, pref: int, handle: int, hook: str = "ingress") -> bool:
+        """Delete the filter at (pref, handle) on the hook; False if there was none."""
         present = any(
-            f["pref"] == pref and f["handle"] == handle for f in self.list_filters(ifname)
+            f["pref"] == pref and f["handle"] == handle for f in self.list_filters(ifname, hook)
         )
         if not present:
             return False
@@ -455,13 +464,13 @@ class Tc:
                 "bpf",
                 self.interface_index(ifname),
                 handle,
-                parent=TC_H_INGRESS_HOOK,
+                parent=HOOKS[hook],
                 prio=pref,
                 protocol=ETH_P_ALL,
             )
         except _NL_ERRORS as e:
             if _code(e) == errno.ENOENT:
                 return False
-            doing = "detaching filter (pref %d, handle %d) from ingress of" % (pref, handle)
+            doing = "detaching filter (pref %d, handle %d) from %s of" % (pref, handle, hook)
             raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
         return True

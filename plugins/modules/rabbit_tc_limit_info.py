@@ -128,8 +128,9 @@ limiters:
         - What disagrees, or null when the filter, the pins and the config agree - the filter
           is there but its pinned maps are gone (bpffs remounted, pins removed), the filter or
           the interface is gone but the pins are there, another program holds the limiter's
-          tc slot, the pinned config does not match the filter, or the attached program does
-          not use the pinned maps. M(rabbitguard.limiter.rabbit_tc_limit) repairs each.
+          tc slot, the pinned config does not match the filter, the attached program does
+          not use the pinned maps, or the egress filter is missing, foreign or not the
+          ingress filter's pair. M(rabbitguard.limiter.rabbit_tc_limit) repairs each.
         - An interface whose filter is the limiter's is listed even when nothing is pinned
           for it.
       type: str
@@ -141,6 +142,12 @@ limiters:
       elements: str
     program_id:
       description: The kernel's id of the attached program, or null.
+      type: int
+    egress_program_id:
+      description:
+        - The kernel's id of the attached egress program, the pair's other half on the clsact
+          egress hook (it frees the slots of consumers the broker cancels), or null.
+        - RV(limiters[].attached) is true only when both programs of the pair are attached.
       type: int
     counters:
       description:
@@ -180,6 +187,7 @@ limiters:
       drift: null
       warnings: []
       program_id: 87
+      egress_program_id: 88
       counters: {consumes_allowed: 12, consumes_refused: 3}
       connection_count: 2
       connections:

@@ -54,6 +54,7 @@ def test_variant_loads_and_limits(action, l2, limit, port, frame_max, strict):
         ("counters", ctypes.c_uint32, _layout.Counters),
         ("config", ctypes.c_uint32, _layout.DeployedConfig),
         ("refusals", ctypes.c_uint32, _layout.RefusalLog),
+        ("egress", _layout.ConnKey, _layout.EgressState),
     ],
 )
 def test_userspace_layout_matches_the_c_structs(dataplanes, table, key_type, value_type):

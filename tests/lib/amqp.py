@@ -91,3 +91,33 @@ def publish(channel, body, exchange="", routing_key="q", frame_max=131072):
 def consume_lookalike_body():
     """Body bytes that look like a complete basic.consume method frame."""
     return consume(1) * 3
+
+
+# -- broker to client ------------------------------------------------------------------------
+BASIC_DELIVER = (60, 60)
+BASIC_CONSUME_OK = (60, 21)
+BASIC_CANCEL_OK = (60, 31)
+
+
+def consume_ok(channel, tag="ctag"):
+    return method(channel, BASIC_CONSUME_OK, shortstr(tag))
+
+
+def cancel_ok(channel, tag="ctag"):
+    return method(channel, BASIC_CANCEL_OK, shortstr(tag))
+
+
+def server_cancel(channel, tag="ctag"):
+    """basic.cancel as the broker sends it (queue deleted): nowait set, no answer."""
+    return method(channel, BASIC_CANCEL, shortstr(tag) + b"\x01")
+
+
+def deliver(channel, body, tag="ctag", delivery_tag=1, frame_max=131072):
+    """basic.deliver, its content header and the body split into body frames."""
+    args = shortstr(tag) + struct.pack(">Q", delivery_tag) + b"\x00" + shortstr("") + shortstr("q")
+    out = method(channel, BASIC_DELIVER, args)
+    out += frame(HEADER, channel, struct.pack(">HHQH", 60, 0, len(body), 0))
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        out += frame(BODY, channel, body[start : start + chunk])
+    return out

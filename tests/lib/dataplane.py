@@ -51,9 +51,14 @@ class Dataplane:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             self.source = _render.render(self.config, _render.read_template(template_path))
             self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
+            # An older template (a benchmark's "before") has no egress program or map.
+            self.egress = None
+            if _compile.EGRESS_FUNCTION in self.source:
+                self.egress = _compile.load_egress(self.bpf)
             self.map_fds = {
                 name: _bpfsys.obj_get(os.path.join(self.pin_dir, name))
                 for name in _layout.MAP_NAMES
+                if os.path.exists(os.path.join(self.pin_dir, name))
             }
         except Exception:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -67,6 +72,10 @@ class Dataplane:
         """(verdict, packet as the program left it)."""
         verdict, _ns, out = _bpfsys.prog_test_run(self.function.fd, packet)
         return verdict, out
+
+    def run_egress(self, packet):
+        """The egress program's verdict on a broker-to-client packet."""
+        return _bpfsys.prog_test_run(self.egress.fd, packet)[0]
 
     def bench(self, packet, repeat):
         """Mean ns per run, as the kernel measured it."""
@@ -114,8 +123,14 @@ class Dataplane:
 
     def reset_state(self):
         """Empty the connection maps and zero the counters between tests."""
-        for name, key_type in (("conns", _layout.ConnKey), ("channels", _layout.ChanKey)):
-            fd = self.map_fds[name]
+        for name, key_type in (
+            ("conns", _layout.ConnKey),
+            ("channels", _layout.ChanKey),
+            ("egress", _layout.ConnKey),
+        ):
+            fd = self.map_fds.get(name)
+            if fd is None:
+                continue
             for key in list(_bpfsys.map_keys(fd, ctypes.sizeof(key_type))):
                 _bpfsys.map_delete(fd, key)
         slot = (ctypes.sizeof(_layout.Counters) + 7) & ~7

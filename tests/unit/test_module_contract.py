@@ -53,11 +53,19 @@ class FakeTc:
     def default_route_interfaces(self):
         return list(self.default)
 
-    def list_filters(self, ifname):
-        return list(self.filters.get(ifname, []))
+    def _hook(self, hook):
+        """Ingress filters in self.filters, egress ones (the pair's other half) apart."""
+        if hook == "ingress":
+            return self.filters
+        return self.__dict__.setdefault("egress_filters", {})
 
-    def find_filter(self, ifname, pref, handle):
-        found = [f for f in self.list_filters(ifname) if (f["pref"], f["handle"]) == (pref, handle)]
+    def list_filters(self, ifname, hook="ingress"):
+        return list(self._hook(hook).get(ifname, []))
+
+    def find_filter(self, ifname, pref, handle, hook="ingress"):
+        found = [
+            f for f in self.list_filters(ifname, hook) if (f["pref"], f["handle"]) == (pref, handle)
+        ]
         return found[0] if found else None
 
     def ensure_clsact(self, ifname):
@@ -69,27 +77,32 @@ class FakeTc:
 
     def remove_clsact_if_empty(self, ifname):
         self.calls.append(("remove_clsact", ifname))
-        if self.filters.get(ifname):
+        if self.filters.get(ifname) or self._hook("egress").get(ifname):
             return False
         self.clsact.discard(ifname)
         return True
 
-    def attach(self, ifname, prog_fd, name, pref, handle):
-        self.calls.append(("attach", ifname, name))
-        rest = [f for f in self.list_filters(ifname) if (f["pref"], f["handle"]) != (pref, handle)]
+    def _call(self, what, hook, *args):
+        self.calls.append((what if hook == "ingress" else what + "-" + hook,) + args)
+
+    def attach(self, ifname, prog_fd, name, pref, handle, hook="ingress"):
+        self._call("attach", hook, ifname, name)
+        rest = [
+            f for f in self.list_filters(ifname, hook) if (f["pref"], f["handle"]) != (pref, handle)
+        ]
         new = {"pref": pref, "handle": handle, "kind": "bpf", "protocol": _tc.ETH_P_ALL}
         new.update(name=name, prog_id=prog_fd, direct_action=True)
-        self.filters[ifname] = sorted(rest + [new], key=lambda f: f["pref"])
+        self._hook(hook)[ifname] = sorted(rest + [new], key=lambda f: f["pref"])
 
-    def detach(self, ifname, pref, handle):
-        self.calls.append(("detach", ifname))
-        before = self.list_filters(ifname)
-        self.filters[ifname] = [f for f in before if (f["pref"], f["handle"]) != (pref, handle)]
-        return len(before) != len(self.filters[ifname])
+    def detach(self, ifname, pref, handle, hook="ingress"):
+        self._call("detach", hook, ifname)
+        before = self.list_filters(ifname, hook)
+        self._hook(hook)[ifname] = [f for f in before if (f["pref"], f["handle"]) != (pref, handle)]
+        return len(before) != len(self._hook(hook)[ifname])
 
-    def delete_filter(self, ifname, kind, protocol, pref, handle):
-        self.calls.append(("delete_filter", ifname, kind))
-        self.detach(ifname, pref, handle)
+    def delete_filter(self, ifname, kind, protocol, pref, handle, hook="ingress"):
+        self._call("delete_filter", hook, ifname, kind)
+        self.detach(ifname, pref, handle, hook)
 
 
 class FakePins:
@@ -153,6 +166,10 @@ class FakePins:
         self.loaded = getattr(self, "loaded", 100) + 1
         return self.loaded
 
+    def compile_pair_isolated(self, source, pin):
+        """The ingress and egress programs of one source."""
+        return self.compile_isolated(source, pin), self.compile_isolated(source, pin)
+
 
 class Exit(Exception):
     def __init__(self, failed, result):
@@ -213,6 +230,7 @@ def host(monkeypatch):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
     monkeypatch.setattr(_overrides, "sync", pins.sync_overrides)
+    monkeypatch.setattr(_compile, "compile_pair_isolated", pins.compile_pair_isolated)
     monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
     monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
     monkeypatch.setattr(_host, "check_bpffs", lambda: None)
@@ -363,7 +381,7 @@ def test_a_compile_failure_carries_the_compiler_output(host, monkeypatch):
             {"compiler_output": "line 1\nerror: boom\n"},
         )
 
-    monkeypatch.setattr(_compile, "compile_isolated", broken)
+    monkeypatch.setattr(_compile, "compile_pair_isolated", broken)
     outcome = run()
 
     assert outcome.failed and "error: boom" in outcome.result["msg"]

@@ -100,6 +100,7 @@ def _observed(overrides):
         "pins": True,
         "config": {"digest": "ab" * 32, "overrides": overrides},
         "filter": {"name": _plan.filter_name("ab" * 32), "prog_id": 7},
+        "egress_filter": {"name": _plan.filter_name("ab" * 32), "prog_id": 8},
     }
 
 

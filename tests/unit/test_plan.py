@@ -20,12 +20,18 @@ WANT = {
 }
 
 
-def seen(filter_name=None, pins=True, digest=DIGEST, prog_id=7):
+_PAIR = object()
+
+
+def seen(filter_name=None, pins=True, digest=DIGEST, prog_id=7, egress=_PAIR):
+    """egress: the egress filter's name (default: the ingress filter's, a whole pair)."""
+    egress = filter_name if egress is _PAIR else egress
     return {
         "exists": True,
         "pins": pins,
         "config": {"digest": digest} if pins and digest else None,
         "filter": {"name": filter_name, "prog_id": prog_id} if filter_name else None,
+        "egress_filter": {"name": egress, "prog_id": prog_id + 1} if egress else None,
     }
 
 
@@ -56,6 +62,24 @@ OURS = _plan.filter_name(DIGEST)
         pytest.param(seen(None), None, (_plan.REMOVE, None), id="absent-pins-only"),
         pytest.param(seen(OURS, pins=False), None, (_plan.REMOVE, None), id="absent-filter-only"),
         pytest.param({}, None, (_plan.NONE, None), id="absent-nothing-there"),
+        pytest.param(
+            seen(OURS, egress=None), WANT, (_plan.REPAIR, _plan.EGRESS_GONE), id="egress-gone"
+        ),
+        pytest.param(
+            seen(OURS, egress="cilium-egress"),
+            WANT,
+            (_plan.REPAIR, _plan.EGRESS_FOREIGN),
+            id="egress-foreign",
+        ),
+        pytest.param(
+            seen(OURS, egress=_plan.filter_name(OTHER)),
+            WANT,
+            (_plan.REPAIR, _plan.EGRESS_DIFFERS),
+            id="egress-of-another-pair",
+        ),
+        pytest.param(
+            seen(None, pins=False, egress=OURS), None, (_plan.REMOVE, None), id="absent-egress-only"
+        ),
         pytest.param(
             seen("cilium-policy", pins=False),
             None,

@@ -1,0 +1,113 @@
+"""The limiter's program pair (clsact ingress + egress) through _deploy.apply: real tc, real
+bpffs, real BCC, in a throwaway namespace (tests/root/test_apply.py's site).
+
+Both filters are there after a deploy, under one name; a replace swaps both; absent removes
+both; a missing, foreign or stale egress filter is repaired; info reports both programs.
+"""
+
+import json
+import subprocess
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _deploy,
+    _plan,
+    _render,
+    _tc,
+)
+
+from .test_apply import IFACE, made_site, only
+
+pytestmark = pytest.mark.bpf
+
+
+def hook_filters(site, hook):
+    """Our filters on one clsact hook, as iproute2 shows them."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", site.netns, "tc", "-j", "filter", "show", "dev", IFACE, hook],
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ).stdout
+    return [f for f in json.loads(out or b"[]") if "options" in f]
+
+
+def names(site, hook):
+    return [f["options"].get("bpf_name") for f in hook_filters(site, hook)]
+
+
+@pytest.fixture(scope="module")
+def template():
+    return _render.read_template()
+
+
+@pytest.fixture
+def site():
+    with made_site() as s:
+        yield s
+
+
+def test_deploy_attaches_both_and_absent_removes_both(site, template):
+    created = only(_deploy.apply(site.params(), template))
+    assert created.action == _plan.CREATE
+    (ingress,) = names(site, "ingress")
+    (egress,) = names(site, "egress")
+    assert ingress == egress and ingress.startswith(_plan.FILTER_PREFIX)
+    (entry,) = site.info()
+    assert entry["attached"] is True and entry["drift"] is None
+    assert entry["program_id"] and entry["egress_program_id"]
+    assert entry["egress_program_id"] != entry["program_id"]
+
+    removed = only(_deploy.apply(site.params(state="absent")))
+
+    assert removed.action == _plan.REMOVE
+    assert hook_filters(site, "ingress") == [] and hook_filters(site, "egress") == []
+
+
+def test_replace_swaps_both(site, template):
+    _deploy.apply(site.params(limit=3), template)
+    before = names(site, "egress")
+    replaced = only(_deploy.apply(site.params(limit=5), template))
+    assert replaced.action == _plan.REPLACE
+    assert names(site, "egress") == names(site, "ingress") != before
+    assert len(hook_filters(site, "egress")) == 1
+
+
+def test_a_missing_egress_filter_is_repaired(site, template):
+    _deploy.apply(site.params(), template)
+    with _tc.open_netns(site.netns) as tc:
+        assert tc.detach(IFACE, C.EGRESS_FILTER_PREF, C.EGRESS_FILTER_HANDLE, "egress")
+    (entry,) = site.info()
+    assert entry["drift"] == _plan.EGRESS_GONE and entry["attached"] is False
+    assert entry["egress_program_id"] is None
+
+    repaired = only(_deploy.apply(site.params(), template))
+
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_GONE)
+    assert names(site, "egress") == names(site, "ingress")
+    assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
+
+
+def test_a_foreign_egress_filter_in_our_slot_is_repaired(site, template):
+    _deploy.apply(site.params(), template)
+    tc_cmd = ["ip", "netns", "exec", site.netns, "tc", "filter"]
+    slot = ["dev", IFACE, "egress", "pref", str(C.EGRESS_FILTER_PREF)]
+    subprocess.run(tc_cmd + ["del"] + slot, check=True)
+    # Another tool's classic BPF "return 0" (passes everything), IPv4 only: the kernel cannot
+    # swap it in place (protocol mismatch), so the deploy deletes it first.
+    subprocess.run(
+        tc_cmd
+        + ["add"]
+        + slot
+        + ["handle", hex(C.EGRESS_FILTER_HANDLE), "protocol", "ip"]
+        + ["bpf", "bytecode", "1,6 0 0 0"],
+        check=True,
+    )
+    assert names(site, "egress") == [None]
+    assert site.info()[0]["drift"] == _plan.EGRESS_FOREIGN
+    repaired = only(_deploy.apply(site.params(), template))
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_FOREIGN)
+    (egress,) = names(site, "egress")
+    assert egress == names(site, "ingress")[0]
