@@ -81,9 +81,11 @@ class Limiter:
 
     def prepare(self, header_at, consumers):
         fd = self.dp.map_fds["conns"]
-        if _bpfsys.map_info(fd)["value_size"] == 40:  # layout 1 (before rcv_nxt), for --before
+        size = _bpfsys.map_info(fd)["value_size"]
+        if size == 40:  # layout 1 (before rcv_nxt), for --before
             raw = struct.pack("<QIIIBBBB11s5x", 1, SEQ + header_at, consumers, 0, 1, 0, 1, 0, b"")
         else:
+            # Layouts 2 and 3 share their first 56 octets (3 adds the channel slots).
             raw = bytes(
                 _layout.ConnState(
                     epoch=1,
@@ -93,7 +95,7 @@ class Limiter:
                     synced=1,
                     after_frame=1,
                 )
-            )
+            )[:size]
         _bpfsys.map_update(fd, self.key, raw)
 
     def fd(self):

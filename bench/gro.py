@@ -2,7 +2,7 @@
 """Nanoseconds per packet on real GSO/GRO-sized traffic: the limiter, the no-op floor and the
 naive first-frame limiter, side by side in one run.
 
-    sudo .venv/bin/python bench/gro.py [--seconds S]
+    sudo .venv/bin/python bench/gro.py [--seconds S] [--body N ...] [--tso on|off]
 
 BPF_PROG_TEST_RUN takes at most one page of packet data, so 64 KiB segments cannot be fed
 to it. Here a client in the root namespace publishes large messages (131072-byte AMQP body
@@ -11,11 +11,21 @@ pair; veth passes the sender's 64 KiB TSO segments through whole, so the classif
 namespace side's ingress sees GRO-sized packets. Each program is attached in turn and the
 kernel's own statistics (kernel.bpf_stats_enabled: run time and run count per program) give
 ns per packet; bytes per packet shows the packet sizes really seen.
+
+With TSO on (the default) veth skips NAPI and reorders one flow's segments across CPUs, as
+containers see it; with --tso off it goes through NAPI and GRO and delivers in order, like a
+host NIC. The limiter runs in both modes: default and strict, which drops a segment that
+arrives ahead of the stream where a frame header may start so that TCP sends it again in
+order. The second table gives what that costs the publisher: its throughput and its TCP's
+retransmissions (tcpi_total_retrans), per program, and the limiter's counters.
 """
 
 import argparse
+import ctypes
+import fcntl
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -69,6 +79,15 @@ def setup():
     return subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c", SINK])
 
 
+def set_tso(ifname, on):
+    """ethtool -K IFNAME tso on|off, through the SIOCETHTOOL ioctl (no ethtool binary)."""
+    siocethtool, ethtool_stso = 0x8946, 0x1F
+    value = ctypes.create_string_buffer(struct.pack("II", ethtool_stso, 1 if on else 0))
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), siocethtool, ifreq)
+
+
 def teardown(sink=None):
     if sink is not None:
         sink.terminate()
@@ -77,8 +96,12 @@ def teardown(sink=None):
     subprocess.run(["ip", "link", "del", HOST_LINK], stderr=subprocess.DEVNULL)
 
 
-def publisher(stop, body_size):
-    """One AMQP connection publishing large messages as fast as TCP takes them."""
+TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in struct tcp_info (linux/tcp.h)
+
+
+def publisher(stop, body_size, result):
+    """One AMQP connection publishing messages as fast as TCP takes them; result gets the
+    bytes sent and the retransmissions of its TCP."""
     for _attempt in range(50):
         try:
             conn = socket.create_connection((BROKER, 5672), timeout=5)
@@ -88,8 +111,16 @@ def publisher(stop, body_size):
     message = amqp.publish(1, b"\x00" * body_size)
     conn.sendall(amqp.PROTOCOL_HEADER + amqp.channel_open(1))
     burst = message * max(1, (4 << 20) // len(message))
-    while not stop.is_set():
-        conn.sendall(burst)
+    sent = 0
+    try:
+        while not stop.is_set():
+            conn.sendall(burst)
+            sent += len(burst)
+    except socket.timeout:
+        result["stalled"] = True  # nothing acknowledged for 5 s: shown in the table
+    info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    result["bytes"] = sent
+    result["retrans"] = struct.unpack_from("I", info, TCPI_TOTAL_RETRANS)[0]
     conn.close()
 
 
@@ -98,70 +129,96 @@ def measure(prog_fd, seconds, body_size):
         tc.ensure_clsact("eth0")
         tc.attach("eth0", prog_fd, "rgbench", PREF, HANDLE)
         before = _bpfsys.prog_info(prog_fd)
-        stop = threading.Event()
-        thread = threading.Thread(target=publisher, args=(stop, body_size))
+        stop, result = threading.Event(), {}
+        thread = threading.Thread(target=publisher, args=(stop, body_size, result))
+        start = time.monotonic()
         thread.start()
         time.sleep(seconds)
         stop.set()
         thread.join()
+        elapsed = time.monotonic() - start
         after = _bpfsys.prog_info(prog_fd)
         tc.detach("eth0", PREF, HANDLE)
     runs = after["run_cnt"] - before["run_cnt"]
     ns = after["run_time_ns"] - before["run_time_ns"]
-    return ns / max(runs, 1), runs
+    mib_s = result.get("bytes", 0) / elapsed / (1 << 20)
+    retrans = "stalled" if result.get("stalled") else "%d" % result.get("retrans", 0)
+    return ns / max(runs, 1), runs, mib_s, retrans
+
+
+COUNTERS = ("amqp_segments", "unparsed", "held", "resyncs", "consumes_refused")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--body", type=int, default=1 << 20, help="message body bytes")
+    parser.add_argument(
+        "--body", type=int, nargs="+", default=[1 << 20, 200], help="message body bytes"
+    )
+    parser.add_argument("--tso", choices=("on", "off"), default="on")
     args = parser.parse_args()
 
     with open(STATS) as f:
         stats_before = f.read().strip()
     ours = Dataplane(limit=3, action="drop")
+    strict = Dataplane(limit=3, action="drop", strict=True)
     with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
         base = BPF(text=f.read().encode())
     programs = [
-        ("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd),
-        ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd),
-        ("rabbitguard", ours.function.fd),
+        ("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd, None),
+        ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd, None),
+        ("rabbitguard", ours.function.fd, ours),
+        ("rabbitguard strict", strict.function.fd, strict),
     ]
     sink = None
+    rows = []
     try:
         sink = setup()
+        set_tso(HOST_LINK, args.tso == "on")
         with open(STATS, "w") as f:
             f.write("1")
-        rows = []
-        for name, fd in programs:
-            ns, runs = measure(fd, args.seconds, args.body)
-            rows.append((name, ns, runs))
-        counters = ours.counters()
+        for body in args.body:
+            for name, fd, dp in programs:
+                if dp is not None:
+                    dp.reset_state()
+                ns, runs, mib_s, retrans = measure(fd, args.seconds, body)
+                counters = dp.counters() if dp is not None else None
+                rows.append((body, name, ns, runs, mib_s, retrans, counters))
     finally:
         with open(STATS, "w") as f:
             f.write(stats_before)
         teardown(sink)
         base.cleanup()
         ours.close()
+        strict.close()
 
-    floor = rows[0][1]
-    naive = rows[1][1]
     print(
-        "Real traffic: one connection publishing %d-byte messages for %.0f s per program"
-        % (args.body, args.seconds)
+        "Real traffic: one connection publishing for %.0f s per program and message size;"
+        " veth TSO %s on the sender (%s)"
+        % (args.seconds, args.tso, "reorders" if args.tso == "on" else "in order")
     )
-    print("(kernel.bpf_stats_enabled run time / run count; packets are veth TSO segments)\n")
-    print("| program | ns per packet | packets | vs floor | vs naive |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ns, runs in rows:
-        print("| %s | %.0f | %d | %.2fx | %.2fx |" % (name, ns, runs, ns / floor, ns / naive))
+    print("(kernel.bpf_stats_enabled run time / run count)\n")
     print(
-        "\nrabbitguard's counters for its run: %s"
-        % ", ".join(
-            "%s %d" % (key, counters[key])
-            for key in ("segments", "amqp_segments", "resyncs", "unparsed")
+        "| body B | program | ns per packet | packets | vs floor | MiB/s | retransmissions "
+        "| %s |" % " | ".join(COUNTERS)
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|%s" % ("---:|" * len(COUNTERS)))
+    floor = {}
+    for body, name, ns, runs, mib_s, retrans, counters in rows:
+        floor.setdefault(body, ns)
+        print(
+            "| %d | %s | %.0f | %d | %.2fx | %.0f | %s | %s |"
+            % (
+                body,
+                name,
+                ns,
+                runs,
+                ns / floor[body],
+                mib_s,
+                retrans,
+                " | ".join("%d" % counters[k] if counters else "-" for k in COUNTERS),
+            )
         )
-    )
 
 
 if __name__ == "__main__":

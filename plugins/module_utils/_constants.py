@@ -29,6 +29,10 @@ FRAME_MAX_RANGE = (4096, 1 << 28)
 PORT_RANGE = (1, 65535)
 LIMIT_RANGE = (0, 65535)
 DEFAULT_LOCK_TIMEOUT = 120
+# strict: segments that arrive ahead of the stream are dropped to come again in order, so
+# that reordering, hostile or not, never gets a consumer past the limit. Off by default:
+# it costs retransmissions where the network reorders (README, Modes).
+DEFAULT_STRICT = False
 
 BPFFS_ROOT = "/sys/fs/bpf"
 DEFAULT_PIN_ROOT = BPFFS_ROOT + "/rabbitguard"

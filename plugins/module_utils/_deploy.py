@@ -103,6 +103,7 @@ def validate_options(params: Params) -> None:
         "ethernet",
         _constants.BPFFS_ROOT + "/check",
         params["frame_max"],
+        params["strict"],
     )
 
 
@@ -159,6 +160,7 @@ def desire(
         l2_kind(tc, ifname),
         _names.pin_dir(pin_root, ns_key, ifname),
         params["frame_max"],
+        params["strict"],
     )
     source = _render.render(config, template)
     return source, {"config": config, "digest": _render.source_digest(source)}

@@ -17,10 +17,11 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAP_NAMES = ("conns", "channels", "counters", "config")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
+FLAG_STRICT = 2
 # DeployedConfig.action holds an action's index in _constants.ACTIONS (the C enum's order).
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -31,6 +32,18 @@ class ConnKey(ctypes.Structure):
         ("broker_addr", ctypes.c_uint8 * 16),
         ("client_port", ctypes.c_uint16),
         ("broker_port", ctypes.c_uint16),
+    ]
+
+
+# Channels kept in a connection's own entry (the C's CHAN_SLOTS); more go to "channels".
+CHAN_SLOTS = 8
+
+
+class ChanSlot(ctypes.Structure):
+    _fields_ = [
+        ("channel", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("consumers", ctypes.c_uint32),
     ]
 
 
@@ -50,7 +63,13 @@ class ConnState(ctypes.Structure):
         ("stash_len", ctypes.c_uint8),
         ("stash", ctypes.c_uint8 * 11),
         ("flags", ctypes.c_uint8),
+        ("chans", ChanSlot * CHAN_SLOTS),
     ]
+
+
+def slot_channels(state: ConnState) -> dict[int, int]:
+    """{channel: consumers} of the channels kept in a connection's entry."""
+    return {slot.channel: slot.consumers for slot in state.chans if slot.consumers}
 
 
 class ChanKey(ctypes.Structure):
@@ -79,6 +98,7 @@ class Counters(ctypes.Structure):
             "conns_forgotten",
             "resyncs",
             "unparsed",
+            "held",
         )
     ]
 

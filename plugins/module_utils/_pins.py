@@ -71,6 +71,7 @@ def read_config(pin: str) -> dict[str, Any] | None:
         else "unknown",
         "l2": "ethernet" if value.ethernet else "none",
         "frame_max": value.frame_max,
+        "strict": bool(value.flags & _layout.FLAG_STRICT),
         "digest": bytes(value.digest).hex(),
         "created_clsact": bool(value.flags & _layout.FLAG_CREATED_CLSACT),
     }
@@ -83,7 +84,8 @@ def write_config(pin: str, config: dict[str, Any], digest: str, created_clsact: 
         action=_constants.ACTIONS.index(config["action"]),
         ethernet=1 if config["l2"] == "ethernet" else 0,
         frame_max=config["frame_max"],
-        flags=_layout.FLAG_CREATED_CLSACT if created_clsact else 0,
+        flags=(_layout.FLAG_CREATED_CLSACT if created_clsact else 0)
+        | (_layout.FLAG_STRICT if config.get("strict") else 0),
     )
     value.digest[:] = list(bytes.fromhex(digest))
     with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "config"))) as fd:
@@ -212,7 +214,9 @@ def connections(pin: str) -> list[dict[str, Any]]:
                 "consumers": state.consumers,
                 "refused": state.refused,
                 "synced": bool(state.synced),
-                "channels": {},
+                "channels": {
+                    str(channel): n for channel, n in _layout.slot_channels(state).items()
+                },
                 "_epoch": state.epoch,
             }
     with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "channels"))) as fd:

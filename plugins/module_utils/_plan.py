@@ -131,6 +131,6 @@ def public_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return dict(
         (key, config[key])
-        for key in ("port", "limit", "action", "frame_max", "l2")
+        for key in ("port", "limit", "action", "frame_max", "strict", "l2")
         if key in config
     )

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "limit": _constants.DEFAULT_LIMIT,
     "action": _constants.MODULE_DEFAULT_ACTION,
     "frame_max": _constants.DEFAULT_FRAME_MAX,
+    "strict": _constants.DEFAULT_STRICT,
     "interfaces": None,
     "netns": None,
     "pin_dir": _constants.DEFAULT_PIN_ROOT,

@@ -62,6 +62,7 @@ def validate(
     l2: Any,
     pin_dir: Any,
     frame_max: Any = DEFAULT_FRAME_MAX,
+    strict: Any = _constants.DEFAULT_STRICT,
 ) -> dict[str, Any]:
     """Return the configuration as a dict, or raise ConfigError naming the bad value.
 
@@ -72,6 +73,8 @@ def validate(
     if l2 not in L2_KINDS:
         raise ConfigError("l2 must be one of %s, got %r" % (", ".join(L2_KINDS), l2))
     pin_dir = check_pin_dir(pin_dir)
+    if not isinstance(strict, bool):
+        raise ConfigError("strict must be a boolean, got %r" % (strict,))
     return {
         "port": _integer("port", port, *_constants.PORT_RANGE),
         "limit": _integer("limit", limit, *_constants.LIMIT_RANGE),
@@ -79,6 +82,7 @@ def validate(
         "l2": l2,
         "frame_max": _integer("frame_max", frame_max, *_constants.FRAME_MAX_RANGE),
         "pin_dir": pin_dir,
+        "strict": strict,
         "max_frames": MAX_FRAMES,
     }
 

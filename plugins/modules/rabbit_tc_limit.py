@@ -99,6 +99,19 @@ options:
         default). Larger frames are taken for a corrupt stream.
     type: int
     default: 131072
+  strict:
+    description:
+      - Make the limiter a security boundary against reordering. A segment that arrives
+        ahead of the stream, where a frame header may start in bytes not seen yet, is
+        dropped so that the client's TCP sends it again in order; then no client, faulty
+        or hostile, gets more than O(limit) consumers, whatever order its segments arrive
+        in.
+      - Without it such a segment passes unwalked, and a connection whose skipped bytes
+        reach the broker is no longer limited (fail open, so that an honest client is
+        never refused). Strict costs retransmissions where the network reorders; see the
+        README's Modes.
+    type: bool
+    default: false
   netns:
     description:
       - A named network namespace (as in C(ip netns)) or a path such as C(/proc/PID/ns/net),
@@ -162,7 +175,7 @@ interfaces:
       eth0:
         action: replace
         reason: null
-        config: {port: 5672, limit: 5, action: drop, frame_max: 131072, l2: ethernet}
+        config: {port: 5672, limit: 5, action: drop, frame_max: 131072, strict: false, l2: ethernet}
         program_id: 412
         compiled: true
         pin_dir: /sys/fs/bpf/rabbitguard/v2/host/eth0
@@ -202,6 +215,7 @@ def build_module():
             limit=dict(type="int", default=C.DEFAULT_LIMIT),
             action=dict(type="str", default=C.MODULE_DEFAULT_ACTION, choices=list(C.ACTIONS)),
             frame_max=dict(type="int", default=C.DEFAULT_FRAME_MAX),
+            strict=dict(type="bool", default=C.DEFAULT_STRICT),
             netns=dict(type="str"),
             pin_dir=dict(type="path", default=C.DEFAULT_PIN_ROOT),
             kernel_headers=dict(type="path"),

@@ -86,7 +86,7 @@ limiters:
       description: Where its maps are pinned.
       type: str
     config:
-      description: The deployed port, limit, action, frame_max and l2 (null when unknown).
+      description: The deployed port, limit, action, frame_max, strict and l2 (null when unknown).
       type: dict
     attached:
       description:
@@ -116,7 +116,8 @@ limiters:
       description:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
-          conns_forgotten, resyncs, unparsed.
+          conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
+          strict mode dropped, to come again in order).
       type: dict
     connection_count:
       description: How many live client connections are tracked (only with O(connections=true)).
@@ -131,7 +132,7 @@ limiters:
   sample:
     - namespace: host
       interface: eth0
-      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, l2: ethernet}
+      config: {port: 5672, limit: 10, action: drop, frame_max: 131072, strict: false, l2: ethernet}
       attached: true
       drift: null
       warnings: []

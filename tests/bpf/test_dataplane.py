@@ -164,15 +164,16 @@ def test_reused_client_port_starts_from_zero(dp):
     assert again.send(amqp.consume(1)) == TC_ACT_OK
 
 
-def test_new_protocol_header_without_syn_starts_from_zero(dp):
+def test_new_protocol_header_without_syn_does_not_start_from_zero(dp):
+    """Outside the stream, without a SYN, a protocol header is bytes like any other (a
+    client could send one to forget its consumers): only a SYN starts the 4-tuple anew."""
     flow = opened(dp)
     for _i in range(3):
         flow.send(amqp.consume(1))
-    reused = Flow(dp, isn=5000000)  # the SYN went unseen (limiter attached late)
+    reused = Flow(dp, isn=5000000)
     assert reused.send(amqp.PROTOCOL_HEADER) == TC_ACT_OK
-    assert reused.consumers() == 0
-    assert reused.send(amqp.consume(1)) == TC_ACT_OK
-    assert reused.channels() == {1: 1}
+    assert reused.consumers() == 3
+    assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
 
 
 # -- the byte stream ---------------------------------------------------------------------
@@ -340,14 +341,20 @@ def test_malformed_stream_passes_and_is_unparsed_until_a_boundary(dp, bad):
     assert dp.counters()["resyncs"] == 1
 
 
-def test_gap_in_the_stream_resyncs_at_the_next_boundary(dp):
+def test_gap_in_the_stream_waits_for_the_hole_to_fill(dp):
+    """A segment beyond a hole passes unwalked (it never rejoins the stream at a frame of
+    its own); the retransmission that fills the hole is walked from the position."""
     flow = opened(dp)
     flow.send(amqp.consume(1))
+    hole = flow.seq
     lost = amqp.publish(1, b"x" * 100)
-    flow.seq += len(lost)  # that segment never reached us
+    flow.seq += len(lost)  # that segment has not reached us yet
     assert flow.send(amqp.consume(2)) == TC_ACT_OK
-    assert flow.channels() == {1: 1, 2: 1}
-    assert dp.counters()["resyncs"] == 1
+    assert flow.channels() == {1: 1}
+    assert dp.counters()["resyncs"] == 0
+    assert flow.send(lost, seq=hole) == TC_ACT_OK
+    assert flow.state().synced == 0  # the consume beyond the hole went by unwalked
+    assert flow.consumers() == 0
 
 
 def test_more_frames_than_the_walk_bound_fail_open(dp):
@@ -381,8 +388,8 @@ def test_a_lost_segment_resent_later_resyncs_where_the_stream_stopped(dp):
     lost = amqp.consume(2)
     flow.seq += len(lost)
     after = amqp.publish(1, b"x" * 50)
-    assert flow.send(after[5:]) == TC_ACT_OK  # arrives first, mid-frame: a gap
-    assert flow.state().synced == 0
+    assert flow.send(after[5:], seq=flow.seq + 5) == TC_ACT_OK  # first, beyond a hole
+    assert flow.channels() == {1: 1}
     assert flow.send(lost, seq=hole) == TC_ACT_OK  # the retransmission fills the hole
     assert flow.state().synced == 1
     assert flow.channels() == {1: 1, 2: 1}

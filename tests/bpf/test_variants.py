@@ -18,6 +18,7 @@ pytestmark = pytest.mark.bpf
 VERIFIER_BUDGET = 800_000
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
 @pytest.mark.parametrize("l2", _render.L2_KINDS)
 @pytest.mark.parametrize("action", _render.ACTIONS)
 @pytest.mark.parametrize(
@@ -27,10 +28,12 @@ VERIFIER_BUDGET = 800_000
         (65535, 65535, 1 << 28),
     ],
 )
-def test_variant_loads_and_limits(action, l2, limit, port, frame_max):
-    dp = Dataplane(limit=limit, action=action, port=port, l2=l2, frame_max=frame_max)
+def test_variant_loads_and_limits(action, l2, limit, port, frame_max, strict):
+    dp = Dataplane(limit=limit, action=action, port=port, l2=l2, frame_max=frame_max, strict=strict)
     try:
-        assert _bpfsys.prog_info(dp.function.fd)["verified_insns"] < VERIFIER_BUDGET
+        verified = _bpfsys.prog_info(dp.function.fd)["verified_insns"]
+        print("verified_insns %s: %d" % (dp.config, verified))
+        assert verified < VERIFIER_BUDGET
         flow = Flow(dp, l2=(l2 == "ethernet"))
         assert flow.handshake() == TC_ACT_OK
         verdict = flow.send(amqp.consume(1))

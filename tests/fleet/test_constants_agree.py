@@ -21,6 +21,7 @@ ROLE_DEFAULTS = {
     "tc_limiter_limit": C.DEFAULT_LIMIT,
     "tc_limiter_action": C.ROLE_DEFAULT_ACTION,  # the role's own product default
     "tc_limiter_frame_max": C.DEFAULT_FRAME_MAX,
+    "tc_limiter_strict": C.DEFAULT_STRICT,
     "tc_limiter_pin_dir": C.DEFAULT_PIN_ROOT,
     "tc_limiter_lock_timeout": C.DEFAULT_LOCK_TIMEOUT,
 }

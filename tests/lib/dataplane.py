@@ -38,12 +38,15 @@ class Dataplane:
         frame_max=_constants.DEFAULT_FRAME_MAX,
         template_path=None,
         force_skb_load_bytes=False,
+        strict=False,
     ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
         self.pin_dir = tempfile.mkdtemp(prefix="rgtest-", dir=_constants.BPFFS_ROOT)
         try:
-            self.config = _render.validate(port, limit, action, l2, self.pin_dir, frame_max)
+            self.config = _render.validate(
+                port, limit, action, l2, self.pin_dir, frame_max, strict=strict
+            )
             if force_skb_load_bytes:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             self.source = _render.render(self.config, _render.read_template(template_path))
@@ -92,7 +95,7 @@ class Dataplane:
             )
         )
         fd = self.map_fds["channels"]
-        out = {}
+        out = _layout.slot_channels(state)
         for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
             key = _layout.decode(_layout.ChanKey, raw_key)
             if bytes(key.conn) != want:

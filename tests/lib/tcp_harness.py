@@ -204,8 +204,10 @@ class Family:
     """How the client's TCP and the network behave.
 
     mss: callable(rng) -> segment size; flight: segments sent per round; retx: shapes of
-    retransmission; spurious: chance of resending already delivered bytes; reorder,
-    loss: network effects before the classifier; control: injected RST/SYN/FIN.
+    retransmission; spurious: chance of resending already delivered bytes; reorder
+    ("network": adjacent swaps and reversed windows of 4; "hostile": every flight sent last
+    segment first, by a client that reorders on purpose), loss: network effects before the
+    classifier; control: injected RST/SYN/FIN.
     cut_header: the 8-octet protocol header may be cut, or coalesced with what follows
     (elsewhere it is the first segment, alone, as a client sends it before it waits for
     connection.start). send_while_stalled: new segments go out while an earlier one waits
@@ -221,7 +223,7 @@ class Family:
         flight=(1, 1),
         retx=("exact",),
         spurious=0.0,
-        reorder=False,
+        reorder=None,
         loss=0.0,
         control=False,
         cut_header=False,
@@ -256,7 +258,8 @@ FAMILIES = {
             retx=("exact", "partial", "coalesced"),
             spurious=0.25,
         ),
-        Family("reorder", _mss_cuts, flight=(2, 8), retx=("exact", "coalesced"), reorder=True),
+        Family("reorder", _mss_cuts, flight=(2, 8), retx=("exact", "coalesced"), reorder="network"),
+        Family("reorder_hostile", _mss_cuts, flight=(2, 8), reorder="hostile"),
         Family("loss", _mss_cuts, flight=(1, 6), retx=("exact", "partial", "coalesced"), loss=0.2),
         Family("control", _mss_cuts, flight=(1, 4), control=True),
         Family("pickup", _mss_real, flight=(1, 4), pickup=True),
@@ -280,6 +283,9 @@ class TcpRun:
         self.sent_ends = {}  # segment start -> end, as first sent
         self.trace = []  # (what, offset, length, flags, outcome)
         self.refusals = 0  # segments dropped or turned into a RST by the classifier
+        # strict: segments ahead of what the broker has, dropped to come again in order
+        self.strict = bool(dp.config.get("strict"))
+        self.held = 0
         self.changed = 0  # segments passed but altered otherwise (never allowed)
         self.stalls = 0
         self.gave_up = False
@@ -291,7 +297,12 @@ class TcpRun:
             self.client, self.broker_addr, self.client_port, self.dp.port, seq, payload, flags
         )
         verdict, out = self.dp.run(packet)
-        if verdict == TC_ACT_SHOT:
+        if verdict == TC_ACT_SHOT and self.strict and off > self.broker.rcv_nxt:
+            # Not a refusal: strict holds it (a refused consume ahead of the broker is
+            # refused again when it comes in order, and counted then).
+            outcome = "HOLD"
+            self.held += 1
+        elif verdict == TC_ACT_SHOT:
             outcome = "DROP"
             self.refusals += 1
         elif verdict != TC_ACT_OK:
@@ -383,7 +394,9 @@ class TcpRun:
                 flight.append(("new", start, end))
                 self.sent_ends.setdefault(start, end)
                 self.snd_nxt = end
-            if fam.reorder and len(flight) > 1:
+            if fam.reorder == "hostile":
+                flight.reverse()
+            elif fam.reorder and len(flight) > 1:
                 flight = reorder(rng, flight)
             if fam.control and rng.random() < 0.5:
                 flight.insert(rng.randint(0, len(flight)), self._control())

@@ -115,7 +115,7 @@ class FakePins:
 
     def write_config(self, pin, config, digest, created_clsact):
         self.pinned[pin] = dict(
-            {k: config[k] for k in ("port", "limit", "action", "l2", "frame_max")},
+            {k: config[k] for k in ("port", "limit", "action", "l2", "frame_max", "strict")},
             digest=digest,
             created_clsact=created_clsact,
         )
@@ -158,6 +158,7 @@ class FakeModule:
             limit=C.DEFAULT_LIMIT,
             action=C.MODULE_DEFAULT_ACTION,
             frame_max=C.DEFAULT_FRAME_MAX,
+            strict=C.DEFAULT_STRICT,
             netns=None,
             pin_dir=PIN_ROOT,
             kernel_headers=None,
@@ -240,6 +241,7 @@ def test_check_mode_predicts_the_create_and_changes_nothing(host):
                 "limit": 4,
                 "action": C.MODULE_DEFAULT_ACTION,
                 "frame_max": C.DEFAULT_FRAME_MAX,
+                "strict": C.DEFAULT_STRICT,
                 "l2": "ethernet",
             }
         },

@@ -50,6 +50,8 @@ def test_digest_follows_the_config():
         ("action", "block", "action must be one of drop, reset, monitor, got 'block'"),
         ("l2", "ppp", "l2 must be one of ethernet, none"),
         ("frame_max", 100, "frame_max must be between 4096"),
+        ("strict", "yes", "strict must be a boolean, got 'yes'"),
+        ("strict", 1, "strict must be a boolean"),
         ("pin_dir", "/tmp/x", "pin_dir must be a directory under /sys/fs/bpf"),
         ("pin_dir", "/sys/fs/bpf/a/../../etc", "pin_dir must be a directory under /sys/fs/bpf"),
         ("pin_dir", "/sys/fs/bpf/a.b", "bpffs allows no dots"),
@@ -86,3 +88,18 @@ def test_the_template_is_given_the_action_numbers():
     values = _render.template_values(config)
     assert values["action_code"] == C.ACTIONS.index("monitor")
     assert values["action_codes"] == {name: i for i, name in enumerate(C.ACTIONS)}
+
+
+def test_strict_is_rendered_and_changes_the_digest():
+    """strict is compiled in: it changes the source, so the digest (the state key) too."""
+    sources = {
+        strict: _render.render(
+            _render.validate(5672, 10, "drop", "ethernet", PIN, strict=strict),
+            _render.read_template(),
+        )
+        for strict in (False, True)
+    }
+    assert re.search(r"#define STRICT\s+0\n", sources[False])
+    assert re.search(r"#define STRICT\s+1\n", sources[True])
+    assert _render.source_digest(sources[False]) != _render.source_digest(sources[True])
+    assert _render.validate(5672, 10, "drop", "ethernet", PIN)["strict"] is C.DEFAULT_STRICT
