@@ -395,10 +395,10 @@ def summarize(tso, name, conns, rounds):
     for o in ours:
         for k, v in o["counters"].items():
             counters[k] = counters.get(k, 0) + v
-    missed = counters.get("missed_frames", counters.get("unparsed", 0))
+    missed = "%d (%d)" % (counters.get("missed", -1), counters.get("passed_ahead", -1))
     return (
         "| %s | %s | %d | %.0f | %.3f (%.3f-%.3f) | %.3f | %.3f | %.3f | %.0f | %.0f | %.0f "
-        "| %.2fx | %.3f%% | %.0f | %d |"
+        "| %.2fx | %.3f%% | %.0f | %s |"
         % (tso, name, conns, median(base), ratio["control"], min(spread), max(spread),
            ratio["noop"], ratio["naive"], ratio["ours"], ns["noop"], ns["naive"], ns["ours"],
            ns["ours"] / max(ns["naive"], 1e-9), 100 * share, size, missed)
@@ -451,7 +451,7 @@ def run(args):
 HEADER = (
     "| client TSO | messages | conns | no program msg/s | control (spread) | no-op | naive "
     "| ours | ns/pkt no-op | ns/pkt naive | ns/pkt ours | ours/naive | ours' CPU share "
-    "| bytes/pkt | missed frames |\n"
+    "| bytes/pkt | missed (passed ahead) |\n"
     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 

@@ -99,6 +99,8 @@ class Counters(ctypes.Structure):
             "resyncs",
             "unparsed",
             "held",
+            "passed_ahead",
+            "missed",
         )
     ]
 
