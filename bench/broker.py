@@ -263,6 +263,7 @@ class Bench:
             pin_dir=PIN_ROOT,
             kernel_headers=None,
             lock_timeout=120,
+            strict=False,
         )
         result = _deploy.apply(self.params, _render.read_template())
         (outcome,) = [o for o in result.outcomes if o.program_id]
