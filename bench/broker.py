@@ -383,6 +383,10 @@ def median(values):
 def summarize(tso, name, conns, rounds):
     """One table row from the rounds of one workload."""
     base = [r["none"]["rate"] for r in rounds]
+    # A round whose no-program cell completed nothing (the machine stalled) says nothing.
+    rounds = [r for r in rounds if r["none"]["rate"] > 0] or rounds[:0]
+    if not rounds:
+        return "| %s | %s | %d | no round completed |" % (tso, name, conns), {}
     ratio = {v: median([r[v]["rate"] / r["none"]["rate"] for r in rounds]) for v in VARIANTS}
     spread = [r["control"]["rate"] / r["none"]["rate"] for r in rounds]
     ns = {}
@@ -426,6 +430,8 @@ def run(args):
             tso_name = "on" if tso else "off"
             for name, mode, size, conns in WORKLOADS:
                 if args.only and args.only not in name:
+                    continue
+                if args.select and "%s:%s:%d" % (tso_name, name, conns) not in args.select:
                     continue
                 rounds = []
                 for r in range(args.rounds):
@@ -473,6 +479,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="workloads whose name contains this (e.g. '64 B')")
+    parser.add_argument(
+        "--select",
+        type=lambda text: text.split(","),
+        help="only these cells, as TSO:MESSAGES:CONNS,... (e.g. 'off:64 B:1,on:1 MiB:8')",
+    )
     args = parser.parse_args()
     if args.cmd == "worker":
         worker(args)
