@@ -17,6 +17,9 @@ from typing import Any
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
+# Walks the frames of a segment beyond MAX_FRAMES, tail-called through the walk_more array.
+CONTINUATION_FUNCTION = "rabbit_limiter_more"
+CONTINUATION_ARRAY = "walk_more"
 _CFLAGS: list[str] = []
 
 
@@ -34,11 +37,20 @@ def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
     try:
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
+        _fill_continuation(bpf, BPF)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
         raise LimiterError(
             "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
         ) from e
     return bpf, function
+
+
+def _fill_continuation(bpf: Any, bpf_class: Any) -> None:
+    """Load the continuation program and put it in its (pinned) program array."""
+    import ctypes
+
+    more = bpf.load_func(CONTINUATION_FUNCTION.encode(), bpf_class.SCHED_CLS)
+    bpf[CONTINUATION_ARRAY.encode()][ctypes.c_int(0)] = ctypes.c_int(more.fd)
 
 
 def compile_isolated(source: str, pin_dir: str) -> int:

@@ -18,7 +18,7 @@ import ipaddress
 from typing import Any
 
 LAYOUT_VERSION = 3
-MAP_NAMES = ("conns", "channels", "counters", "config")
+MAP_NAMES = ("conns", "channels", "counters", "config", "walk_more")
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
 FLAG_STRICT = 2

@@ -3,7 +3,6 @@ message body) from frames the limiter really did not see."""
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
 from tests.lib import amqp
 from tests.lib.dataplane import TC_ACT_OK, Flow
 
@@ -53,7 +52,8 @@ def test_a_frame_header_in_bytes_passed_ahead_is_missed(dp):
     assert flow.state().synced == 0
 
 
-def test_a_segment_over_the_frame_bound_is_missed(dp):
+def test_a_malformed_frame_is_missed(dp):
     flow = opened(dp)
-    assert flow.send(amqp.heartbeat() * (_render.MAX_FRAMES + 20)) == TC_ACT_OK
+    assert flow.send(amqp.heartbeat() * 3 + b"\x09" + amqp.heartbeat()[1:]) == TC_ACT_OK
     assert counts(dp) == (0, 1)
+    assert flow.state().synced == 0
