@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -411,6 +412,8 @@ def summarize(tso, name, conns, rounds):
 
 
 def run(args):
+    # SIGTERM (a timeout) takes everything down too, as an exception through the finally.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit("bench/broker.py: terminated"))
     os.environ.update(RG_LAB_PREFIX=PREFIX, RG_LAB_SUBNET=SUBNET)
     sys.path.insert(0, ROOT)
     import lab
