@@ -135,7 +135,9 @@ def cpu_seconds():
 def worker(args):
     """One connection: warm up until args.start, count what completes until args.stop."""
     client = Client(args.host, args.user, args.password)
-    queue = "rgp-q%d" % args.index
+    # The storm consumes from a queue nothing is published to: a publishers' queue would
+    # flood it with deliveries (RabbitMQ 3.10 closed such a channel with 541 INTERNAL_ERROR).
+    queue = ("rgp-storm%d" if args.mode == "storm" else "rgp-q%d") % args.index
     client.declare(queue)
     if args.mode == "storm":
         make = lambda i: amqp.consume(1, queue, tag="c%d" % i) + amqp.cancel(1, tag="c%d" % i)  # noqa: E731
