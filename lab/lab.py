@@ -27,6 +27,7 @@ time (state.json in the state dir), never by name.
 Use it as a command (root)::
 
     /usr/bin/python3 lab/lab.py up [-n 3]     # idempotent: completes a half-up lab
+    /usr/bin/python3 lab/lab.py up -n 20 --brokers 1   # RabbitMQ on rabbit1 only
     /usr/bin/python3 lab/lab.py status        # one line per host; exit 0 when all are up
     /usr/bin/python3 lab/lab.py down          # stops everything, removes every trace
     /usr/bin/python3 lab/lab.py inventory     # Ansible inventory for this lab (YAML)
@@ -36,6 +37,7 @@ or as a library (pytest fixtures, Molecule create/destroy)::
 
     import lab            # the lab/ package from the repository root
     hosts = lab.up(n=3)   # list of dicts: name, netns, ipv4, ipv6, ssh_key, amqp_user, ...
+    lab.up(n=20, brokers=1)   # twenty hosts, RabbitMQ on the first only
     lab.down()
     with lab.running(n=3) as hosts:   # up, and down afterwards unless it was up before
         ...
@@ -105,12 +107,21 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "/usr/bin/epmd"
 SSHD = "/usr/sbin/sshd"
-# Host directories replaced by a private per-host directory inside each lab host.
+# Host directories replaced by a private per-host directory inside each lab host (the broker's;
+# rabbitmq-server's package makes them on this machine).
 PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq")
+# Private in every lab host too, made as a mountpoint here when missing (like the extra dirs):
+# the limiter's runtime directory, which holds its host lock. Each lab host keeps its own, as
+# real hosts do, so that runs on different lab hosts never queue behind one another's lock.
+RUNTIME_DIRS = ("/run/rabbitguard",)
 
 SSHD_TIMEOUT = 10.0
 EPMD_TIMEOUT = 10.0
 BROKER_TIMEOUT = 120.0
+# Brokers starting at once: each takes about 5 s of CPU to boot, so twenty at once on two cores
+# would all crawl and time out together; a sliding window of this many keeps every core busy
+# and each start short (the next one starts as soon as one is ready).
+BROKER_PARALLEL = max(2, 2 * (os.cpu_count() or 1))
 STOP_TIMEOUT = 30.0
 KEEPER_SOCKET = "keeper.sock"
 NOFILE = 65536
@@ -195,8 +206,14 @@ class Config:
         return cls(prefix=prefix, subnet=subnet, state_dir=state_dir, extra_private_dirs=extra)
 
     @property
+    def local_private_dirs(self) -> tuple[str, ...]:
+        """The private dirs beyond the broker's: mountpoints made here when missing."""
+        extra = tuple(p for p in self.extra_private_dirs if p not in PRIVATE_DIRS + RUNTIME_DIRS)
+        return RUNTIME_DIRS + extra
+
+    @property
     def private_dirs(self) -> tuple[str, ...]:
-        return PRIVATE_DIRS + tuple(p for p in self.extra_private_dirs if p not in PRIVATE_DIRS)
+        return PRIVATE_DIRS + self.local_private_dirs
 
     @property
     def bridge(self) -> str:
@@ -257,7 +274,12 @@ class Host:
         return os.path.join(self.dir, path.strip("/").replace("/", "-"))
 
 
-def _host_dict(cfg: Config, host: Host) -> dict:
+def components(index: int, brokers: int) -> tuple[str, ...]:
+    """The daemons of lab host ``index`` when the first ``brokers`` hosts run RabbitMQ."""
+    return COMPONENTS if index <= brokers else COMPONENTS[:1]
+
+
+def _host_dict(cfg: Config, host: Host, brokers: int = MAX_COUNT) -> dict:
     return {
         "name": host.name,
         "netns": host.netns,
@@ -277,6 +299,7 @@ def _host_dict(cfg: Config, host: Host) -> dict:
         "amqp_password": AMQP_PASSWORD,
         "amqp_vhost": AMQP_VHOST,
         "rabbitmq_node": RABBITMQ_NODE,
+        "rabbitmq": host.index <= brokers,
     }
 
 
@@ -364,9 +387,15 @@ def render_ssh_config(cfg: Config, count: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_inventory(cfg: Config | None = None, count: int = DEFAULT_COUNT) -> str:
-    """Ansible YAML inventory for the lab: group ``rabbit`` with rabbit1..N."""
+def render_inventory(
+    cfg: Config | None = None, count: int = DEFAULT_COUNT, brokers: int | None = None
+) -> str:
+    """Ansible YAML inventory for the lab: group ``rabbit`` with rabbit1..N.
+
+    Hosts past the first ``brokers`` (default: all) run no RabbitMQ and say so with
+    ``rabbitguard_lab_rabbitmq: false``."""
     cfg = cfg or Config.from_env()
+    brokers = count if brokers is None else brokers
     out = [
         "---",
         "# Local test lab of rabbitguard.limiter: `/usr/bin/python3 lab/lab.py up` (as root)",
@@ -388,6 +417,8 @@ def render_inventory(cfg: Config | None = None, count: int = DEFAULT_COUNT) -> s
             f'          rabbitguard_lab_ipv6: "{host.ipv6}"',
             f"          rabbitguard_lab_netns: {host.netns}",
         ]
+        if host.index > brokers:
+            out.append("          rabbitguard_lab_rabbitmq: false")
     out += [
         "      vars:",
         "        ansible_user: root",
@@ -806,7 +837,7 @@ def _start_keeper(cfg: Config) -> _Keeper:
 def _ensure_mountpoints(cfg: Config, state: dict, changes: _Changes) -> None:
     """Extra private dirs need a mountpoint on this machine; down() removes the ones made here."""
     made = state.setdefault("made_dirs", [])
-    for path in cfg.extra_private_dirs:
+    for path in cfg.local_private_dirs:
         if not os.path.isdir(path):
             missing = path
             while not os.path.isdir(os.path.dirname(missing)):
@@ -842,7 +873,7 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
     dirty = set()
     for host in hosts_:
         os.makedirs(host.dir, mode=0o755, exist_ok=True)
-        for path in cfg.extra_private_dirs:
+        for path in cfg.local_private_dirs:
             copy = host.private_dir(path)
             if not os.path.isdir(copy):
                 # The host starts from what this machine has there; then it is the host's own.
@@ -1017,8 +1048,9 @@ def _host_init_argv(cfg: Config, host: Host) -> list[str]:
         "set -e; "
         f"hostname {host.name}; "
         # ip netns exec has made / a recursive slave and mounted a fresh sysfs: mounts made
-        # here stay in this namespace (and its sshd sessions); a bpffs mount is a new instance.
-        "mount -t bpf bpf /sys/fs/bpf; "
+        # here stay in this namespace (and its sshd sessions); a bpffs mount is a new instance,
+        # mode 700 as systemd mounts it.
+        "mount -t bpf -o mode=700 bpf /sys/fs/bpf; "
         f"{binds}; "
         f"mount --bind {host.dir}/hosts /etc/hosts; "
         f"exec {SSHD} -D -e -f {host.dir}/sshd_config"
@@ -1077,13 +1109,14 @@ def _ensure_processes(
     dirty: set[str],
     changes: _Changes,
     log,
+    brokers: int = MAX_COUNT,
 ) -> None:
     procs = state.setdefault("hosts", {})
     restart: dict[str, set[str]] = {}
     for host in hosts_:
         recs = procs.setdefault(host.name, {})
         need: set[str] = set()
-        for comp in COMPONENTS:
+        for comp in components(host.index, brokers):
             # A component (re)starts when it is not running in this host's netns, when the
             # host's configuration changed, or when one it runs inside of/depends on restarts.
             if need or host.name in dirty or not _component_ok(recs.get(comp), host.netns):
@@ -1139,26 +1172,31 @@ def _ensure_processes(
             log_path,
             rec,
         )
-    brokers = start(
-        "rabbitmq",
-        lambda h: _in_host(sshd_pid(h), "rabbitmq", [RABBITMQ_SERVER]),
-        _rabbit_env(),
-        "rabbitmq.out",
-    )
-    if not brokers:
+    wanted = [by_name[name] for name, need in restart.items() if "rabbitmq" in need]
+    if not wanted:
         return
-    log(f"waiting for {len(brokers)} RabbitMQ node(s)")
+    log(f"starting {len(wanted)} RabbitMQ node(s), at most {BROKER_PARALLEL} at a time")
     errors: list[str] = []
+    guard = threading.Lock()  # the keeper's socket, state.json and the change log
+    window = threading.Semaphore(BROKER_PARALLEL)
 
-    def wait_one(host: Host, rec: dict, _log_path: str) -> None:
-        try:
-            took = _await_broker(host, rec, sshd_pid(host))
-        except LabError as exc:
-            errors.append(str(exc))
-        else:
-            log(f"{host.name}: RabbitMQ ready ({took:.1f} s)")
+    def start_one(host: Host) -> None:
+        with window:
+            log_path = os.path.join(host.dir, "rabbitmq.out")
+            argv = _in_host(sshd_pid(host), "rabbitmq", [RABBITMQ_SERVER])
+            with guard:
+                procs[host.name]["rabbitmq"] = rec = keeper.spawn(argv, _rabbit_env(), log_path)
+                changes.add(f"{host.name}: started rabbitmq (pid {rec['pid']})")
+                _save_state(cfg, state)
+            try:
+                took = _await_broker(host, rec, sshd_pid(host))
+            except LabError as exc:
+                with guard:
+                    errors.append(str(exc))
+            else:
+                log(f"{host.name}: RabbitMQ ready ({took:.1f} s)")
 
-    threads = [threading.Thread(target=wait_one, args=item) for item in brokers]
+    threads = [threading.Thread(target=start_one, args=(host,)) for host in wanted]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -1167,8 +1205,19 @@ def _ensure_processes(
         raise LabError("\n".join(errors))
 
 
-def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
-    """Bring the lab up (idempotent; completes a half-up lab). Returns ``hosts()``."""
+def _brokers_of(state: dict, count: int) -> int:
+    """How many hosts run RabbitMQ in a lab of ``count`` hosts (labs made before: all)."""
+    return state.get("brokers", count) if state.get("count") else count
+
+
+def up(
+    n: int | None = None, cfg: Config | None = None, log=_log, brokers: int | None = None
+) -> list[dict]:
+    """Bring the lab up (idempotent; completes a half-up lab). Returns ``hosts()``.
+
+    ``brokers``: how many hosts (the first ones) run RabbitMQ; default all (or as running).
+    The others have sshd and everything else of a host, but no epmd and no broker: enough
+    for a fleet run that does not talk to the broker, at a fraction of the memory and CPU."""
     cfg = cfg or Config.from_env()
     _require_root()
     _check_prerequisites()
@@ -1180,6 +1229,16 @@ def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
             raise LabError(
                 f"the lab has {state['count']} hosts, not {count}: run `lab.py down` first"
             )
+        running_brokers = _brokers_of(state, count)
+        if brokers is None:
+            brokers = running_brokers
+        if not 0 <= brokers <= count:
+            raise LabError(f"lab brokers {brokers}: use 0-{count} (the number of hosts)")
+        if state.get("count") and brokers != running_brokers:
+            raise LabError(
+                f"the lab has RabbitMQ on {running_brokers} of its hosts, not {brokers}: "
+                "run `lab.py down` first"
+            )
         hosts_ = cfg.hosts(count)
         changes = _Changes(log)
         record = json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -1189,7 +1248,7 @@ def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
                 f"({state['config']}): run `lab.py down` first"
             )
         dirty = _ensure_files(cfg, hosts_, count, changes)
-        state.update({"count": count, "config": record})
+        state.update({"count": count, "brokers": brokers, "config": record})
         _ensure_mountpoints(cfg, state, changes)
         _save_state(cfg, state)
         _ensure_network(cfg, hosts_, changes)
@@ -1199,13 +1258,14 @@ def up(n: int | None = None, cfg: Config | None = None, log=_log) -> list[dict]:
             state["keeper"] = keeper.rec
             changes.add(f"started keeper (pid {keeper.rec['pid']})")
         _save_state(cfg, state)
-        _ensure_processes(cfg, hosts_, state, keeper, dirty, changes, log)
+        _ensure_processes(cfg, hosts_, state, keeper, dirty, changes, log, brokers)
         _save_state(cfg, state)
+    what = f"{count} hosts" + ("" if brokers == count else f" ({brokers} with RabbitMQ)")
     if changes:
         took = time.monotonic() - began
-        log(f"lab is up: {count} hosts, {len(changes)} changes in {took:.1f} s")
+        log(f"lab is up: {what}, {len(changes)} changes in {took:.1f} s")
     else:
-        log(f"lab is already up: {count} hosts, nothing changed")
+        log(f"lab is already up: {what}, nothing changed")
     return hosts(cfg=cfg)
 
 
@@ -1280,13 +1340,13 @@ def down(cfg: Config | None = None, log=_log) -> None:
 def hosts(n: int | None = None, cfg: Config | None = None) -> list[dict]:
     """The lab's hosts as dicts (name, netns, ipv4, ipv6, ssh_key, amqp_*...). No root needed."""
     cfg = cfg or Config.from_env()
-    count = n
-    if count is None:
-        try:
-            count = _load_state(cfg).get("count")
-        except (PermissionError, LabError):
-            count = None
-    return [_host_dict(cfg, h) for h in cfg.hosts(count or DEFAULT_COUNT)]
+    try:
+        state = _load_state(cfg)
+    except (PermissionError, LabError):
+        state = {}
+    count = n or state.get("count") or DEFAULT_COUNT
+    brokers = _brokers_of(state, count) if state.get("count") == count else count
+    return [_host_dict(cfg, h, brokers) for h in cfg.hosts(count)]
 
 
 def status(cfg: Config | None = None) -> list[dict]:
@@ -1294,24 +1354,27 @@ def status(cfg: Config | None = None) -> list[dict]:
     cfg = cfg or Config.from_env()
     state = _load_state(cfg)
     count = state.get("count") or DEFAULT_COUNT
+    brokers = _brokers_of(state, count)
     netnses = set(_netns_list())
     result = []
     for host in cfg.hosts(count):
         recs = state.get("hosts", {}).get(host.name, {})
-        entry = _host_dict(cfg, host)
+        entry = _host_dict(cfg, host, brokers)
+        comps = components(host.index, brokers)
         missing = []
         if host.netns not in netnses:
             missing.append("netns")
         pids = {}
-        for comp in COMPONENTS:
+        for comp in comps:
             if _component_ok(recs.get(comp), host.netns):
                 pids[comp] = recs[comp]["pid"]
             else:
                 missing.append(comp)
-        amqp = host.netns in netnses and _tcp_open(host.ipv4, AMQP_PORT, 0.3)
-        if not amqp:
+        if "rabbitmq" in comps and not (
+            host.netns in netnses and _tcp_open(host.ipv4, AMQP_PORT, 0.3)
+        ):
             missing.append("amqp")
-        if len(missing) == 2 + len(COMPONENTS):
+        if len(missing) == 1 + len(comps) + ("rabbitmq" in comps):
             entry["state"] = "down"
         else:
             entry["state"] = "partial" if missing else "up"
@@ -1365,7 +1428,10 @@ def running(n: int | None = None, cfg: Config | None = None, log=_log):
 
 
 def _format_status(entry: dict) -> str:
-    pids = " ".join(f"{c}={entry['pids'].get(c, '-')}" for c in COMPONENTS)
+    pids = " ".join(
+        f"{c}={entry['pids'].get(c, '-')}" if entry["rabbitmq"] or c == "sshd" else f"{c}=none"
+        for c in COMPONENTS
+    )
     missing = f"  missing: {','.join(entry['missing'])}" if entry["state"] == "partial" else ""
     return (
         f"{entry['name']:<8} {entry['state']:<7} {entry['netns']:<12} {entry['ipv4']:<13} "
@@ -1384,6 +1450,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"number of hosts (default: as running, else {DEFAULT_COUNT})",
     )
+    p_up.add_argument(
+        "--brokers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run RabbitMQ on the first K hosts only (default: all, or as running)",
+    )
     p_up.add_argument("--json", action="store_true", help="print the hosts as JSON on stdout")
     sub.add_parser("down", help="stop and remove everything")
     p_status = sub.add_parser("status", help="one line per host; exit 0 when all are up")
@@ -1401,7 +1474,7 @@ def main(argv: list[str] | None = None) -> int:
             return _keeper_main(args.state_dir)
         cfg = Config.from_env()
         if args.command == "up":
-            result = up(n=args.hosts, cfg=cfg)
+            result = up(n=args.hosts, cfg=cfg, brokers=args.brokers)
             if args.json:
                 print(json.dumps(result, indent=2))
             return 0
@@ -1416,7 +1489,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(_format_status(entry))
             return 0 if all(e["state"] == "up" for e in entries) else 1
         if args.command == "inventory":
-            print(render_inventory(cfg, args.hosts or len(hosts(cfg=cfg))), end="")
+            lab_hosts = hosts(n=args.hosts, cfg=cfg)
+            brokers = sum(1 for h in lab_hosts if h["rabbitmq"])
+            print(render_inventory(cfg, len(lab_hosts), brokers), end="")
             return 0
         if args.command == "ssh":
             ssh_config = os.path.join(cfg.state_dir, "ssh_config")

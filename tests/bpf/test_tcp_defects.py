@@ -272,6 +272,20 @@ def test_protocol_header_ahead_without_a_syn_does_not_start_from_zero(dp):
     assert flow.send(amqp.consume(2)) == TC_ACT_SHOT
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_syn_after_connection_close_does_not_start_a_connection_elsewhere(dataplanes, strict):
+    """Harness seed 376269102501382 (control, strict, RG_TCP_SEED=7): after the client's
+    connection.close, a SYN out of the window started a new connection at its sequence
+    number, and strict then held the client's last bytes (its TCP still open) for ever."""
+    dp = dataplanes(limit=2, action="reset", strict=strict)
+    flow = opened(dp)
+    close = amqp.connection_close()
+    assert flow.send(close[:12]) == TC_ACT_OK
+    assert stray(flow, packets.SYN, -(1 << 30)) == TC_ACT_OK
+    assert flow.send(close[12:]) == TC_ACT_OK
+    assert flow.send(amqp.connection_close_ok()) == TC_ACT_OK
+
+
 # -- strict mode ------------------------------------------------------------------------------
 
 

@@ -143,3 +143,176 @@ def test_boot_unit_is_a_valid_systemd_unit(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "ExecStart=/usr/bin/python3 /usr/local/lib/rabbitguard/limiter/" in text
+
+
+SURVEY = os.path.join(ROLE, "files", "survey.py")
+
+
+def _survey(request):
+    """Run survey.py the way the role does: /usr/bin/python3 -c SOURCE REQUEST."""
+    with open(SURVEY, encoding="utf-8") as handle:
+        source = handle.read()
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", source, json.dumps(request)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def _sha1(text):
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files owned by root:root are the spec")
+def test_survey_names_exactly_the_boot_files_that_differ(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text("{}\n")
+    good.chmod(0o644)
+    stale = tmp_path / "stale.json"
+    stale.write_text('{"limit": 1}\n')
+    stale.chmod(0o644)
+    loose = tmp_path / "loose.json"
+    loose.write_text("{}\n")
+    loose.chmod(0o666)
+    (tmp_path / "dir").mkdir(mode=0o755)
+    os.chmod(tmp_path / "dir", 0o755)
+    (tmp_path / "link").symlink_to(good)
+    (tmp_path / "wrong-link").symlink_to(stale)
+    (tmp_path / "left").write_text("x")
+    want_file = {"type": "file", "mode": "0644", "sha1": _sha1("{}\n")}
+    paths = {
+        str(good): want_file,
+        str(stale): want_file,
+        str(loose): want_file,
+        str(tmp_path / "missing.json"): want_file,
+        str(tmp_path / "dir"): {"type": "directory", "mode": "0755"},
+        str(tmp_path / "missing-dir"): {"type": "directory", "mode": "0755"},
+        str(good) + "-as-dir": {"type": "directory", "mode": "0755"},
+        str(tmp_path / "link"): {"type": "link", "src": str(good)},
+        str(tmp_path / "wrong-link"): {"type": "link", "src": str(good)},
+        str(tmp_path / "left"): {"type": "absent"},
+        str(tmp_path / "gone"): {"type": "absent"},
+    }
+    differ = _survey({"paths": paths})["differ"]
+    assert differ == [
+        str(stale),
+        str(loose),
+        str(tmp_path / "missing.json"),
+        str(tmp_path / "missing-dir"),
+        str(good) + "-as-dir",
+        str(tmp_path / "wrong-link"),
+        str(tmp_path / "left"),
+    ]
+
+
+def test_survey_reads_the_facts_the_role_uses_and_the_build_tree_release(tmp_path):
+    tree = tmp_path / "build"
+    (tree / "include" / "generated").mkdir(parents=True)
+    (tree / "include" / "generated" / "utsrelease.h").write_text(
+        '#define UTS_RELEASE "6.1.0-99-amd64"\n'
+    )
+    answer = _survey({"headers": str(tree)})
+    assert answer["kernel"] == os.uname().release
+    assert answer["os_family"] == "Debian"  # the machines this runs on (Debian 12)
+    assert answer["headers"] is True
+    assert answer["headers_release"] == "6.1.0-99-amd64"
+    # No include/: no build tree, whatever else is there.
+    assert _survey({"headers": str(tmp_path)})["headers"] is False
+    # The play's facts win over the survey's own reading.
+    assert _survey({"os_family": "RedHat"})["os_family"] == "RedHat"
+
+
+def test_survey_lists_the_packages_that_dpkg_does_not_have_installed():
+    names = ["dpkg", "python3-bpfcc", "rabbitguard-no-such-package"]
+    answer = _survey(
+        {"packages_by_family": {"Debian": names}, "manager_by_family": {"Debian": "dpkg"}}
+    )
+    assert answer["missing_packages"] == ["rabbitguard-no-such-package"]
+    # Another family's list is not this host's business.
+    answer = _survey(
+        {"os_family": "Debian", "packages_by_family": {"RedHat": ["bcc"]}, "manager_by_family": {}}
+    )
+    assert answer["missing_packages"] == []
+
+
+def test_survey_tells_a_bpffs_that_others_can_write_to():
+    bpffs = _survey({})["bpffs"]
+    assert bpffs["mounted"] is (
+        subprocess.run(["findmnt", "-n", "-t", "bpf", "/sys/fs/bpf"], check=False).returncode == 0
+    )
+    if bpffs["mounted"]:
+        mode = os.stat("/sys/fs/bpf").st_mode & 0o7777
+        assert bpffs["mode"] == "%04o" % mode
+        assert bpffs["writable_by_others"] is bool(mode & 0o022)
+
+
+def test_deploy_and_remove_roll_out_to_a_canary_first_and_stop_at_the_first_failure():
+    for name in ("deploy-limiter.yml", "remove-limiter.yml"):
+        with open(os.path.join(REPO, "playbooks", name)) as handle:
+            (play,) = yaml.safe_load(handle)
+        assert play["serial"] == "{{ rabbitguard_limiter_serial | default([1, '100%']) }}", name
+        assert play["max_fail_percentage"] == (
+            "{{ rabbitguard_limiter_max_fail_percentage | default(0) }}"
+        ), name
+        assert play["gather_facts"] is False, name
+
+
+INSTALLER = os.path.join(ROLE, "files", "install_files.py")
+
+
+def _install(request):
+    """Run install_files.py the way the role does: the request on stdin."""
+    with open(INSTALLER, encoding="utf-8") as handle:
+        source = handle.read()
+    return subprocess.run(
+        ["/usr/bin/python3", "-c", source],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _entry(path, data, mode="0644"):
+    import base64
+    import hashlib
+
+    return {
+        "path": str(path),
+        "mode": mode,
+        "sha1": hashlib.sha1(data).hexdigest(),
+        "content_b64": base64.b64encode(data).decode(),
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files owned by root:root")
+def test_installer_writes_what_differs_and_nothing_in_check_mode(tmp_path):
+    prog, unit = tmp_path / "prog.pyz", tmp_path / "unit.service"
+    unit.write_bytes(b"[Unit]\n")
+    unit.chmod(0o644)
+    files = [_entry(prog, b"PK\x03\x04 program", "0755"), _entry(unit, b"[Unit]\n")]
+    check = _install({"check": True, "files": files})
+    assert json.loads(check.stdout) == {"changed": [str(prog)]}
+    assert not prog.exists()
+    done = _install({"check": False, "files": files})
+    assert json.loads(done.stdout) == {"changed": [str(prog)]}
+    assert prog.read_bytes() == b"PK\x03\x04 program"
+    assert (os.stat(prog).st_mode & 0o7777, os.stat(prog).st_uid) == (0o755, 0)
+    assert json.loads(_install({"check": False, "files": files}).stdout) == {"changed": []}
+    # A mode that drifted is put back, the content alone.
+    os.chmod(prog, 0o777)
+    assert json.loads(_install({"check": False, "files": files}).stdout) == {"changed": [str(prog)]}
+    assert os.stat(prog).st_mode & 0o7777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog.pyz", "unit.service"]
+
+
+def test_installer_refuses_content_that_does_not_match_its_checksum(tmp_path):
+    entry = _entry(tmp_path / "x", b"right")
+    entry["sha1"] = "0" * 40
+    proc = _install({"check": False, "files": [entry]})
+    assert proc.returncode != 0 and "does not match its SHA-1" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -150,6 +150,7 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
         "limit": LIMIT,
         "action": "reset",
         "frame_max": C.DEFAULT_FRAME_MAX,
+        "strict": C.DEFAULT_STRICT,
         "l2": "ethernet",
     }
     conn = connection_of(entry, consumer)

@@ -193,7 +193,8 @@ def test_private_dirs_are_bind_mounted_in_every_host_from_its_own_copy():
     ):
         assert f"mount --bind {host.private_dir(path)} {path};" in script
     assert host.private_dir("/etc/rabbitguard") == f"{cfg.state_dir}/rabbit3/etc-rabbitguard"
-    assert "mount -t bpf bpf /sys/fs/bpf;" in script
+    # mode 700, as systemd mounts it
+    assert "mount -t bpf -o mode=700 bpf /sys/fs/bpf;" in script
     assert script.endswith(f"exec /usr/sbin/sshd -D -e -f {host.dir}/sshd_config")
 
 
@@ -201,3 +202,50 @@ def test_private_dirs_are_bind_mounted_in_every_host_from_its_own_copy():
 def test_unsafe_private_dirs_are_refused(dirs):
     with pytest.raises(lab.LabError, match="private dir"):
         lab.Config.from_env({"RG_LAB_PRIVATE_DIRS": dirs})
+
+
+def test_hosts_past_the_brokers_run_only_sshd():
+    assert labmod.components(1, 2) == ("sshd", "epmd", "rabbitmq")
+    assert labmod.components(2, 2) == ("sshd", "epmd", "rabbitmq")
+    assert labmod.components(3, 2) == ("sshd",)
+    assert labmod.components(1, 0) == ("sshd",)
+
+
+def test_twenty_hosts_get_distinct_names_and_addresses_in_the_lab_ranges():
+    import ipaddress
+
+    hosts = lab.Config().hosts(20)
+    for attr in ("name", "netns", "veth", "ipv4", "ipv6", "dir"):
+        assert len({getattr(h, attr) for h in hosts}) == 20, attr
+    assert hosts[-1].ipv4 == "198.18.0.30" and hosts[-1].name == "rabbit20"
+    assert all(ipaddress.ip_address(h.ipv4) in ipaddress.ip_network("198.18.0.0/24") for h in hosts)
+    assert all(
+        ipaddress.ip_address(h.ipv6) in ipaddress.ip_network("fd00:5267::/64") for h in hosts
+    )
+
+
+def test_inventory_marks_the_hosts_without_a_broker():
+    inv = yaml.safe_load(lab.render_inventory(lab.Config(), 20, 1))
+    hosts = inv["all"]["children"]["rabbit"]["hosts"]
+    assert len(hosts) == 20
+    assert "rabbitguard_lab_rabbitmq" not in hosts["rabbit1"]
+    assert all(hosts[f"rabbit{i}"]["rabbitguard_lab_rabbitmq"] is False for i in range(2, 21))
+    # All hosts with a broker (the default): the inventory is the one without the option.
+    assert lab.render_inventory(lab.Config(), 3, 3) == lab.render_inventory(lab.Config(), 3)
+
+
+def test_host_dicts_say_which_hosts_run_rabbitmq(tmp_path):
+    cfg = lab.Config(state_dir=str(tmp_path))
+    assert [h["rabbitmq"] for h in lab.hosts(n=4, cfg=cfg)] == [True] * 4
+    (tmp_path / "state.json").write_text('{"count": 4, "brokers": 1}', encoding="utf-8")
+    assert [h["rabbitmq"] for h in lab.hosts(cfg=cfg)] == [True, False, False, False]
+    # A lab made before brokers were counted runs RabbitMQ on every host.
+    (tmp_path / "state.json").write_text('{"count": 2}', encoding="utf-8")
+    assert [h["rabbitmq"] for h in lab.hosts(cfg=cfg)] == [True, True]
+
+
+def test_up_command_takes_the_number_of_brokers():
+    out = subprocess.run(
+        [sys.executable, LAB_PY, "up", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--brokers K" in out and "--hosts" in out

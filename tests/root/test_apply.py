@@ -52,6 +52,7 @@ class Site:
             limit=3,
             action="drop",
             frame_max=C.DEFAULT_FRAME_MAX,
+            strict=C.DEFAULT_STRICT,
             netns=self.netns,
             pin_dir=self.pin_root,
             kernel_headers=None,
