@@ -58,6 +58,7 @@ APT_PACKAGES=(
     python3-pika                       # AMQP client for the system python (demo client)
     iproute2 bridge-utils kmod procps  # ip/tc/ip netns, bridges, modprobe, ps
     iputils-ping                       # lab reachability checks
+    ethtool                            # bench/broker.py: GRO and TSO on its veth pair
     rabbitmq-server                    # the broker under test (started per network namespace)
     openssh-server openssh-client      # the lab's test hosts are real SSH hosts for Ansible
     shellcheck                         # lint for scripts/ and .ci/run

@@ -12,18 +12,24 @@ from __future__ import absolute_import, annotations, division, print_function
 __metaclass__ = type
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
 # The broker-to-client program of the pair (clsact egress), from the same source and maps.
 EGRESS_FUNCTION = "rabbit_limiter_egress"
+# Walks the frames of a segment beyond MAX_FRAMES, tail-called through the walk_more array.
+CONTINUATION_FUNCTION = "rabbit_limiter_more"
+CONTINUATION_ARRAY = "walk_more"
 _CFLAGS: list[str] = []
 
 
-def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
-    """Return (bpf, function): keep `bpf` alive as long as the fd is needed."""
+def compile_and_load(source: str, pin_dir: str, fill: bool = True) -> tuple[Any, Any]:
+    """Return (bpf, function): keep `bpf` alive as long as the fd is needed.
+
+    fill: put the continuation program in the walk_more array now (see _fill_continuation);
+    a deployment leaves it to fill_continuation, after the attach."""
     try:
         from bcc import BPF
     except ImportError as e:
@@ -36,6 +42,8 @@ def compile_and_load(source: str, pin_dir: str) -> tuple[Any, Any]:
     try:
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
+        if fill:
+            _fill_continuation(bpf)
     except Exception as e:  # BCC raises bare Exception for compile and verifier errors
         raise LimiterError(
             "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
@@ -53,33 +61,80 @@ def load_egress(bpf: Any) -> Any:
         raise LimiterError("loading the limiter's egress program: %s" % e, {"cause": str(e)}) from e
 
 
-def compile_isolated(source: str, pin_dir: str) -> int:
-    """The ingress program only (see compile_pair_isolated); the caller closes the fd."""
+def load_continuation(bpf: Any) -> Any:
+    """The continuation program (walks past MAX_FRAMES) of a compiled source."""
+    from bcc import BPF
+
+    try:
+        return bpf.load_func(CONTINUATION_FUNCTION.encode(), BPF.SCHED_CLS)
+    except Exception as e:  # BCC raises bare Exception for verifier errors
+        raise LimiterError(
+            "loading the limiter's continuation program: %s" % e, {"cause": str(e)}
+        ) from e
+
+
+def _fill_continuation(bpf: Any) -> None:
+    """Load the continuation program and put it in its (pinned) program array, at once:
+    for programs that are not attached (tests, benches). A deployment fills the slot only
+    once its program is attached (_deploy.deploy, fill_continuation), because the program
+    still attached uses the same pinned array."""
+    import ctypes
+
+    more = load_continuation(bpf)
+    bpf[CONTINUATION_ARRAY.encode()][ctypes.c_int(0)] = ctypes.c_int(more.fd)
+
+
+def fill_continuation(pin_dir: str, more_fd: int) -> None:
+    """Put the continuation program more_fd in the walk_more array pinned in pin_dir."""
+    import struct
+
     from . import _bpfsys
 
-    ingress, egress = compile_pair_isolated(source, pin_dir)
-    _bpfsys.close(egress)
-    return ingress
+    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin_dir, CONTINUATION_ARRAY))) as array:
+        _bpfsys.map_update(array, struct.pack("=I", 0), struct.pack("=I", more_fd))
 
 
-def compile_pair_isolated(source: str, pin_dir: str) -> tuple[int, int]:
-    """Compile and load in a child process; return the program fd (caller closes it).
+class Programs(NamedTuple):
+    """The program fds of one compiled source, all using the maps pinned in its pin_dir:
+    ingress (the limiter), egress (the broker's cancels), more (the walk's continuation,
+    for the walk_more array: fill_continuation)."""
+
+    ingress: int
+    egress: int
+    more: int
+
+
+def compile_isolated(source: str, pin_dir: str) -> int:
+    """The ingress program only (see compile_programs_isolated); the caller closes the fd."""
+    from . import _bpfsys
+
+    progs = compile_programs_isolated(source, pin_dir)
+    _bpfsys.close(progs.egress)
+    _bpfsys.close(progs.more)
+    return progs.ingress
+
+
+def compile_programs_isolated(source: str, pin_dir: str) -> Programs:
+    """Compile and load in a child process; return the program fds (caller closes them).
 
     BCC writes compiler diagnostics to stdout (which would corrupt a module's JSON
     result) and can crash outright on a broken kernel tree (SIGSEGV in clang). The child
-    compiles with both streams sent to a log, pins the loaded program at a temporary path,
-    and exits; the parent takes the program from the pin and unpins it. A crash or error
-    in the child becomes a LimiterError carrying the compiler's first error line.
+    compiles with both streams sent to a log, pins the loaded programs at temporary paths,
+    and exits; the parent takes the programs from the pins and unpins them. A crash or
+    error in the child becomes a LimiterError carrying the compiler's first error line.
 
-    Return: (ingress, egress) program fds, both using the maps pinned in pin_dir.
+    The walk_more array is left as it is: the program still attached uses it until the new
+    one replaces it (the caller fills it then).
     """
     import tempfile
 
     from . import _bpfsys
 
     # bpffs refuses names with a dot in them.
-    prog_pin = os.path.join(pin_dir, "loading-%d" % os.getpid())
-    egress_pin = os.path.join(pin_dir, "loading-egress-%d" % os.getpid())
+    paths = [
+        os.path.join(pin_dir, "loading-%s%d" % (what, os.getpid()))
+        for what in ("", "egress-", "more-")
+    ]
     with tempfile.TemporaryFile() as log:
         pid = os.fork()
         if pid == 0:  # the child: never returns
@@ -87,10 +142,10 @@ def compile_pair_isolated(source: str, pin_dir: str) -> tuple[int, int]:
             try:
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
-                bpf, function = compile_and_load(source, pin_dir)
-                egress = load_egress(bpf)
-                _bpfsys.obj_pin(function.fd, prog_pin)
-                _bpfsys.obj_pin(egress.fd, egress_pin)
+                bpf, function = compile_and_load(source, pin_dir, fill=False)
+                progs = (function, load_egress(bpf), load_continuation(bpf))
+                for prog, path in zip(progs, paths):
+                    _bpfsys.obj_pin(prog.fd, path)
                 bpf.cleanup()
                 status = 0
             except LimiterError as e:
@@ -101,23 +156,21 @@ def compile_pair_isolated(source: str, pin_dir: str) -> tuple[int, int]:
         _pid, wait_status = os.waitpid(pid, 0)
         log.seek(0)
         output = log.read().decode("utf-8", "replace")
-    if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
-        fds: list[int] = []
-        try:
-            for path in (prog_pin, egress_pin):
-                fds.append(_bpfsys.obj_get(path))
-        except Exception:
-            for fd in fds:
-                _bpfsys.close(fd)
-            raise
-        finally:
-            for path in (prog_pin, egress_pin):
-                if os.path.exists(path):
-                    os.unlink(path)
-        return fds[0], fds[1]
-    for path in (prog_pin, egress_pin):
-        if os.path.exists(path):
-            os.unlink(path)
+    try:
+        if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+            fds: list[int] = []
+            try:
+                for path in paths:
+                    fds.append(_bpfsys.obj_get(path))
+            except Exception:
+                for fd in fds:
+                    _bpfsys.close(fd)
+                raise
+            return Programs(*fds)
+    finally:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
     if os.WIFSIGNALED(wait_status):
         how = "the compiler crashed (signal %d)" % os.WTERMSIG(wait_status)
     else:

@@ -234,10 +234,10 @@ def deploy(
     pin = config["pin_dir"]
     new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
     created_clsact = False
-    prog_fd = egress_fd = None
+    progs = None
     overrides_before = (observed.get("config") or {}).get("overrides")
     try:
-        prog_fd, egress_fd = _compile.compile_pair_isolated(source, pin)
+        progs = _compile.compile_programs_isolated(source, pin)
         # Before the attach, so that the new program limits by source from its first packet.
         _overrides.sync(pin, config.get("overrides") or [])
         if prime is not None:
@@ -249,14 +249,14 @@ def deploy(
         # cancels), each swapped in place.
         tc.attach(
             ifname,
-            prog_fd,
+            progs.ingress,
             _plan.filter_name(digest),
             _constants.FILTER_PREF,
             _constants.FILTER_HANDLE,
         )
         tc.attach(
             ifname,
-            egress_fd,
+            progs.egress,
             _plan.filter_name(digest),
             _constants.EGRESS_FILTER_PREF,
             _constants.EGRESS_FILTER_HANDLE,
@@ -271,16 +271,21 @@ def deploy(
             _pins.unpin_interface(pin)  # nothing was here: leave no directory either
         else:
             _pins.unpin(pin, new_pins)
-        _bpfsys.close(prog_fd)
-        _bpfsys.close(egress_fd)
+        for fd in progs or ():
+            _bpfsys.close(fd)
         raise
     try:
+        # Only now: until the new ingress program replaced the old one, the old one walked
+        # long segments on through this (pinned, shared) array, into its own continuation.
+        _compile.fill_continuation(pin, progs.more)
         previously = (observed.get("config") or {}).get("created_clsact", False)
         _pins.write_config(pin, config, digest, created_clsact or previously)
-        return _program_id(prog_fd)
+        # The pins of an older release's layout: its program was just replaced.
+        _pins.unpin_other_layouts(pin)
+        return _program_id(progs.ingress)
     finally:
-        _bpfsys.close(prog_fd)
-        _bpfsys.close(egress_fd)
+        for fd in progs:
+            _bpfsys.close(fd)
 
 
 def _program_id(prog_fd: int) -> int:
@@ -317,6 +322,7 @@ def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
         if (observed.get("config") or {}).get("created_clsact"):
             tc.remove_clsact_if_empty(ifname)
     _pins.unpin_interface(observed["pin_dir"])
+    _pins.unpin_other_layouts(observed["pin_dir"])
 
 
 # -- the apply path ----------------------------------------------------------------------------

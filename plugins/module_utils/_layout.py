@@ -17,8 +17,17 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 3
-MAP_NAMES = ("conns", "channels", "counters", "config", "refusals", "overrides", "egress")
+LAYOUT_VERSION = 4
+MAP_NAMES = (
+    "conns",
+    "channels",
+    "counters",
+    "config",
+    "refusals",
+    "overrides",
+    "egress",
+    "walk_more",
+)
 REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
 FLAG_CREATED_CLSACT = 1
@@ -100,6 +109,8 @@ class Counters(ctypes.Structure):
             "resyncs",
             "unparsed",
             "held",
+            "passed_ahead",
+            "missed",
         )
     ]
 

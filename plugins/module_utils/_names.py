@@ -4,7 +4,7 @@
 """Names and paths: namespace keys and the pin layout.
 
 Layout under the pin root (default /sys/fs/bpf/rabbitguard):
-    v<LAYOUT_VERSION>/<namespace key>/<interface>/{conns,channels,counters,config}
+    v<LAYOUT_VERSION>/<namespace key>/<interface>/<each of _layout.MAP_NAMES>
 The namespace key is "host", "netns-<name>" for a named network namespace, or
 "ns-<inode>" for one given by path (/proc/PID/ns/net).
 """

@@ -178,6 +178,32 @@ def unpin_interface(pin: str) -> None:
             raise LimiterError("removing %s: %s" % (directory, e.strerror)) from e
 
 
+def unpin_other_layouts(pin: str) -> list[str]:
+    """Remove this interface's pins of other layout versions (<pin root>/v<N>/<namespace>/
+    <interface>, N not ours): a release with another layout left them, and their maps stay
+    in the kernel for as long as the pins do. A directory a user could have made (see
+    check_tree) is left alone. Returns the directories removed."""
+    ns_dir = os.path.dirname(pin)
+    layout = os.path.dirname(ns_dir)
+    pin_root = os.path.dirname(layout)
+    removed = []
+    for name in sorted(_listdir(pin_root)):
+        if name == os.path.basename(layout) or not (name[:1] == "v" and name[1:].isdigit()):
+            continue
+        other_layout = os.path.join(pin_root, name)
+        other = os.path.join(other_layout, os.path.basename(ns_dir), os.path.basename(pin))
+        if not os.path.isdir(other):
+            continue
+        try:
+            for directory in (other_layout, os.path.dirname(other), other):
+                _host.check_private_dir(directory, "the pin directory")
+        except LimiterError:
+            continue
+        unpin_interface(other)
+        removed.append(other)
+    return removed
+
+
 # -- what the data plane knows ----------------------------------------------------------------
 
 

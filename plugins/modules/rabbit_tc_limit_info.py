@@ -154,9 +154,15 @@ limiters:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
           conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
-          strict mode dropped, to come again in order); and from the refusal log,
-          refuse_rewrites (consumes refused in place by V(refuse)) and refuse_fallbacks
-          (consumes V(refuse) could not rewrite and dropped instead).
+          strict mode dropped, to come again in order), passed_ahead and missed; and from
+          the refusal log, refuse_rewrites (consumes refused in place by V(refuse)) and
+          refuse_fallbacks (consumes V(refuse) could not rewrite and dropped instead).
+        - V(unparsed) is every segment passed without walking it; it splits into
+          V(passed_ahead) (segments ahead of a hole, passed unwalked; nothing is lost
+          when they lie inside a message body, as most reordered bytes of a publisher
+          do) and segments whose frames were not seen. V(missed) counts the latter, and
+          passed-ahead bytes later found to hold a frame header; it is the one to watch.
+          Both directions count in it (the egress program's lost broker frames too).
       type: dict
     refusals:
       description:

@@ -13,7 +13,6 @@ import pytest
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _bpfsys,
     _layout,
-    _render,
 )
 from tests.lib import amqp, packets
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
@@ -367,10 +366,11 @@ def test_partial_retransmission_after_a_lost_sync_leaves_no_position_behind(data
     than the walk takes loses sync; a partial retransmission of it resumed the walk and left
     the connection synced at a position behind what the broker has, so every later segment
     was ahead of it: held for ever by strict, passed unwalked without it."""
-    dp = dataplanes(limit=1, action="drop", strict=strict)
+    # 8 frames per program: the walk's bound (34 programs) within a test packet's reach.
+    dp = dataplanes(limit=1, action="drop", strict=strict, max_frames=8)
     flow = opened(dp)
     start = flow.seq
-    many = amqp.heartbeat() * (_render.MAX_FRAMES + 20)
+    many = amqp.heartbeat() * (34 * 8 + 20)
     assert flow.send(many) == TC_ACT_OK
     assert flow.state().synced == 0
     assert flow.send(many[: len(many) - 40], seq=start) == TC_ACT_OK  # resumes, stops short

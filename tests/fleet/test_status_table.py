@@ -58,3 +58,15 @@ def test_a_shadowing_filter_is_a_warning_in_the_table():
 
 def test_nothing_at_all_is_not_deployed():
     assert "not deployed" in render([])
+
+
+def test_the_table_shows_missed_frames_not_raw_unparsed():
+    """Issue 8: segments passed ahead of a hole that lay inside a body lost nothing; the
+    table shows the frames really missed."""
+    counters = {"consumes_allowed": 5, "consumes_refused": 1, "unparsed": 977, "missed": 2}
+    table = render([entry(drift=None, attached=True, counters=counters)])
+    lines = [line for line in table.splitlines() if line.strip()]
+    header, row = lines[1:3]
+    assert header.split()[-1] == "missed"
+    assert row.split()[-3:] == ["5", "1", "2"]
+    assert "977" not in table

@@ -39,6 +39,7 @@ class Dataplane:
         template_path=None,
         force_skb_load_bytes=False,
         strict=False,
+        max_frames=None,
     ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
@@ -49,9 +50,14 @@ class Dataplane:
             )
             if force_skb_load_bytes:
                 self.config = dict(self.config, force_skb_load_bytes=True)
+            if max_frames is not None:  # a smaller walk bound, to reach the tail-call limit
+                self.config = dict(self.config, max_frames=max_frames)
             self.source = _render.render(self.config, _render.read_template(template_path))
-            self.bpf, self.function = _compile.compile_and_load(self.source, self.pin_dir)
-            # An older template (a benchmark's "before") has no egress program or map.
+            # An older template (a benchmark's "before") has no continuation, no egress
+            # program or map.
+            self.bpf, self.function = _compile.compile_and_load(
+                self.source, self.pin_dir, fill=_compile.CONTINUATION_FUNCTION in self.source
+            )
             self.egress = None
             if _compile.EGRESS_FUNCTION in self.source:
                 self.egress = _compile.load_egress(self.bpf)

@@ -160,15 +160,29 @@ class FakePins:
     def check_tree(self, pin_root):
         pass
 
+    def unpin_other_layouts(self, pin):
+        return []
+
     def compile_isolated(self, source, pin):
         """BCC pins the maps (no config yet) and loads a program: its fd is its id here."""
         self.pinned.setdefault(pin, None)
         self.loaded = getattr(self, "loaded", 100) + 1
         return self.loaded
 
-    def compile_pair_isolated(self, source, pin):
-        """The ingress and egress programs of one source."""
-        return self.compile_isolated(source, pin), self.compile_isolated(source, pin)
+    def compile_programs_isolated(self, source, pin):
+        """The ingress, egress and continuation programs of one source."""
+        return _compile.Programs(*(self.compile_isolated(source, pin) for _ in range(3)))
+
+    def fill_continuation(self, pin, more_fd):
+        """Records the continuation put in walk_more, and the ingress programs attached
+        at that moment (fds are ids here)."""
+        attached = [
+            f["prog_id"]
+            for tc in self.namespaces.values()
+            for filters in tc.filters.values()
+            for f in filters
+        ]
+        self.__dict__.setdefault("continuations", []).append((pin, more_fd, attached))
 
 
 class Exit(Exception):
@@ -226,11 +240,19 @@ def host(monkeypatch):
     monkeypatch.setattr(_tc, "open_netns", open_netns)
     for name in ("pinned_namespaces", "pinned_interfaces", "pins_present", "read_config"):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
-    for name in ("write_config", "unpin_interface", "unpin", "program_uses_pins", "check_tree"):
+    for name in (
+        "write_config",
+        "unpin_interface",
+        "unpin",
+        "program_uses_pins",
+        "check_tree",
+        "unpin_other_layouts",
+    ):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
     monkeypatch.setattr(_overrides, "sync", pins.sync_overrides)
-    monkeypatch.setattr(_compile, "compile_pair_isolated", pins.compile_pair_isolated)
+    monkeypatch.setattr(_compile, "compile_programs_isolated", pins.compile_programs_isolated)
+    monkeypatch.setattr(_compile, "fill_continuation", pins.fill_continuation)
     monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
     monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
     monkeypatch.setattr(_host, "check_bpffs", lambda: None)
@@ -381,7 +403,7 @@ def test_a_compile_failure_carries_the_compiler_output(host, monkeypatch):
             {"compiler_output": "line 1\nerror: boom\n"},
         )
 
-    monkeypatch.setattr(_compile, "compile_pair_isolated", broken)
+    monkeypatch.setattr(_compile, "compile_programs_isolated", broken)
     outcome = run()
 
     assert outcome.failed and "error: boom" in outcome.result["msg"]
@@ -511,3 +533,29 @@ def test_the_boot_program_restores_overrides(host):
     params = dict(_reattach.DEFAULTS, limit=3, overrides=OVERRIDES, state="present")
     assert _reattach.reattach(params, _render.read_template()) == [("host", "eth0", "create", None)]
     assert run(limit=3, overrides=OVERRIDES).result["changed"] is False
+
+
+def test_the_walk_continuation_goes_in_only_once_its_program_is_attached(host):
+    """The walk_more array is pinned and shared: the program being replaced walks long
+    segments on through it until the new one is attached, so the new continuation goes in
+    after the attach, never before (and never when the deploy failed)."""
+    first = run(limit=4)
+    second = run(limit=6)
+
+    fills = host.continuations
+    assert len(fills) == 2
+    for outcome, (pin, more, attached) in zip((first, second), fills):
+        assert pin == entry(outcome)["pin_dir"]
+        assert attached == [entry(outcome)["program_id"]]
+        assert more == entry(outcome)["program_id"] + 2  # its own: ingress, egress, more
+
+
+def test_a_failed_attach_leaves_the_old_continuation(host, monkeypatch):
+    run(limit=4)
+
+    def broken(*args, **kwargs):
+        raise LimiterError("attaching: boom")
+
+    monkeypatch.setattr(host.namespaces[None], "attach", broken)
+    assert run(limit=6).failed
+    assert len(host.continuations) == 1

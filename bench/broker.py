@@ -1,0 +1,528 @@
+#!/usr/bin/python3
+"""Real RabbitMQ, real publishers, real GRO: what the limiter costs a broker, side by side.
+
+    flock /tmp/rg-heavy.lock /usr/bin/python3 bench/broker.py [--quick] [--seconds S] [--rounds R]
+
+A lab host (lab/lab.py, prefix rgp, subnet 210: RabbitMQ in its own namespace) gets a
+second veth pair straight to a client namespace (rgp-pub, 198.18.210.252/30): the broker's
+end has GRO on, so the kernel hands the classifier GRO packets (payload in page fragments)
+as a NIC would; the client's end is benched with TSO off (NAPI and GRO on veth deliver a
+flow in order like a real NIC) and on (64 KiB TSO segments passed whole, reordered across
+CPUs: what containers see).
+
+Workloads: publishers with publisher confirms (a raw-socket AMQP client, one process per
+connection, a bounded window of unconfirmed messages) of 64 B, 4 KiB and 1 MiB messages on 1
+and 8 connections, and a consume/cancel storm (pipelined basic.consume + basic.cancel pairs).
+Each cell runs a few seconds with, in rotating order each round: no program, a no-op program,
+the naive first-frame limiter (bench/naive_limiter.c) and ours, then no program again (the
+control: its spread against the first is the noise of this machine).
+
+Ours is deployed through the module's own apply path (_deploy.apply, netns + interface) once;
+the cells then swap programs in our tc slot by fd (tc replace), so no cell pays a compile.
+Printed per cell: messages/s ratio to no program (median of rounds), ns per packet from the
+kernel's per-program statistics (kernel.bpf_stats_enabled: run_time_ns / run_cnt), bytes per
+program run (GRO size), the program's time as a share of the CPU time the broker and the
+client processes used, and ours' missed frames (its counters).
+
+Everything it creates (lab, namespace, pins, the bpf_stats setting) is taken down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "collections")]
+
+from tests.lib import amqp  # noqa: E402
+
+PREFIX, SUBNET = "rgp", "210"
+CLIENT_NS = "rgp-pub"
+BROKER_LINK, CLIENT_LINK = "rgpb1", "eth0"
+BROKER_ADDR, CLIENT_ADDR = "198.18.210.253", "198.18.210.254"
+PIN_ROOT = "/sys/fs/bpf/rgp-bench"
+STATS = "/proc/sys/kernel/bpf_stats_enabled"
+LIMIT = 1000  # ours and the naive limiter: far above what the storm ever holds
+STORM_PIPELINE = 64
+VARIANTS = ("none", "noop", "naive", "ours", "control")
+
+# -- the client (runs in the client namespace, one process per connection) -----------------
+
+CONFIRM_SELECT, CONFIRM_SELECT_OK = (85, 10), (85, 11)
+QUEUE_DECLARE, QUEUE_DECLARE_OK = (50, 10), (50, 11)
+BASIC_ACK, BASIC_NACK = (60, 80), (60, 120)
+CONSUME_OK, CANCEL_OK = (60, 21), (60, 31)
+
+
+def _longstr(raw):
+    return struct.pack(">I", len(raw)) + raw
+
+
+class Client:
+    """A minimal AMQP 0-9-1 client on a raw socket: enough to publish with confirms."""
+
+    def __init__(self, host, user, password):
+        self.sock = socket.create_connection((host, 5672), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.sock.sendall(amqp.PROTOCOL_HEADER)
+        self.expect((10, 10))
+        auth = b"\x00" + user.encode() + b"\x00" + password.encode()
+        args = _longstr(b"") + amqp.shortstr("PLAIN") + _longstr(auth) + amqp.shortstr("en_US")
+        self.sock.sendall(amqp.method(0, (10, 11), args))
+        tune = self.expect((10, 30))
+        channel_max = struct.unpack(">H", tune[:2])[0]
+        self.sock.sendall(amqp.method(0, (10, 31), struct.pack(">HIH", channel_max, 131072, 0)))
+        self.sock.sendall(amqp.method(0, (10, 40), amqp.shortstr("/") + amqp.shortstr("") + b"\0"))
+        self.expect((10, 41))
+        self.sock.sendall(amqp.channel_open(1))
+        self.expect((20, 11))
+
+    def methods(self, block=True):
+        """Method frames received: (class, method) and arguments, as they come."""
+        while True:
+            while len(self.buf) >= 7:
+                ftype, _channel, size = struct.unpack_from(">BHI", self.buf)
+                if len(self.buf) < 8 + size:
+                    break
+                payload = bytes(self.buf[7 : 7 + size])
+                del self.buf[: 8 + size]
+                if ftype == amqp.METHOD:
+                    yield struct.unpack(">HH", payload[:4]), payload[4:]
+            if not block and not select.select([self.sock], [], [], 0)[0]:
+                return
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the broker closed the connection")
+            self.buf += data
+            block = False
+
+    def expect(self, wanted):
+        for got, args in self.methods():
+            if got == wanted:
+                return args
+            if got in ((10, 50), (20, 40)):
+                raise ConnectionError("closed by the broker: %r" % args[:80])
+
+    def declare(self, queue):
+        table = amqp.shortstr("x-max-length-bytes") + b"l" + struct.pack(">q", 64 << 20)
+        args = struct.pack(">H", 0) + amqp.shortstr(queue) + b"\x00" + _longstr(table)
+        self.sock.sendall(amqp.method(1, QUEUE_DECLARE, args))
+        self.expect(QUEUE_DECLARE_OK)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.sendall(amqp.connection_close())
+        self.sock.close()
+
+
+def cpu_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
+def worker(args):
+    """One connection: warm up until args.start, count what completes until args.stop."""
+    client = Client(args.host, args.user, args.password)
+    # The storm consumes from a queue nothing is published to: a publishers' queue would
+    # flood it with deliveries (RabbitMQ 3.10 closed such a channel with 541 INTERNAL_ERROR).
+    queue = ("rgp-storm%d" if args.mode == "storm" else "rgp-q%d") % args.index
+    client.declare(queue)
+    if args.mode == "storm":
+        make = lambda i: amqp.consume(1, queue, tag="c%d" % i) + amqp.cancel(1, tag="c%d" % i)  # noqa: E731
+        window, unit, done_on = STORM_PIPELINE, 1, CANCEL_OK
+    else:
+        client.sock.sendall(amqp.method(1, CONFIRM_SELECT, b"\x00"))
+        client.expect(CONFIRM_SELECT_OK)
+        message = amqp.publish(1, b"\x00" * args.size, routing_key=queue)
+        unit = max(1, min(256, (256 << 10) // len(message)))  # messages per send
+        window = max(2 * unit, (4 << 20) // len(message))
+        burst = message * unit
+        make = None
+        done_on = BASIC_ACK
+    sent = done = 0
+    at_start = at_stop = None
+    while True:
+        now = time.time()
+        if at_start is None and now >= args.start:
+            at_start = (done, cpu_seconds())
+        if now >= args.stop:
+            at_stop = (done, cpu_seconds())
+            break
+        while sent - done <= window - unit:
+            if make is not None:
+                client.sock.sendall(make(sent))
+            else:
+                client.sock.sendall(burst)
+            sent += unit
+        for got, margs in client.methods(block=True):
+            if got == done_on:
+                if make is None:
+                    tag, bits = struct.unpack(">QB", margs[:9])
+                    done = max(done, tag) if bits & 1 else done + 1
+                else:
+                    done += 1
+            elif got == BASIC_NACK:
+                raise RuntimeError("the broker refused (nack) a message")
+            elif got in ((10, 50), (20, 40)):
+                raise ConnectionError("closed by the broker: %r" % margs[:80])
+    client.close()
+    if at_start is None:
+        at_start = at_stop
+    print(json.dumps({"done": at_stop[0] - at_start[0], "cpu": at_stop[1] - at_start[1]}))
+
+
+# -- the harness (root namespace) -----------------------------------------------------------
+
+
+def sh(*argv, check=True):
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError("%s: %s" % (" ".join(argv), proc.stderr.strip()))
+    return proc
+
+
+def setup_client_link(broker_ns):
+    teardown_client_link()
+    sh("ip", "netns", "add", CLIENT_NS)
+    sh("ip", "link", "add", BROKER_LINK, "netns", broker_ns, "type", "veth",
+       "peer", "name", CLIENT_LINK, "netns", CLIENT_NS)  # fmt: skip
+    sh("ip", "-n", broker_ns, "addr", "add", BROKER_ADDR + "/30", "dev", BROKER_LINK)
+    sh("ip", "-n", CLIENT_NS, "addr", "add", CLIENT_ADDR + "/30", "dev", CLIENT_LINK)
+    sh("ip", "-n", broker_ns, "link", "set", BROKER_LINK, "up")
+    sh("ip", "-n", CLIENT_NS, "link", "set", CLIENT_LINK, "up")
+    sh("ip", "-n", CLIENT_NS, "link", "set", "lo", "up")
+    sh("ip", "netns", "exec", broker_ns, "ethtool", "-K", BROKER_LINK, "gro", "on")
+    sh("ip", "netns", "exec", CLIENT_NS, "ethtool", "-K", CLIENT_LINK, "gro", "off")
+
+
+def teardown_client_link():
+    sh("ip", "netns", "del", CLIENT_NS, check=False)
+
+
+def set_client_tso(on):
+    state = "on" if on else "off"
+    sh("ip", "netns", "exec", CLIENT_NS, "ethtool", "-K", CLIENT_LINK, "tso", state, "gso", "on")
+
+
+def proc_cpu(pids):
+    """CPU seconds (user + system) used so far by these processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def rx_bytes(netns):
+    out = sh("ip", "-n", netns, "-s", "-j", "link", "show", BROKER_LINK).stdout
+    return json.loads(out)[0]["stats64"]["rx"]["bytes"]
+
+
+class Bench:
+    def __init__(self, args, host):
+        from bcc import BPF
+
+        from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+            _bpfsys,
+            _constants,
+            _deploy,
+            _names,
+            _pins,
+            _render,
+            _tc,
+        )
+
+        self.args, self.host = args, host
+        self.ns = host["netns"]
+        self.bpfsys, self.tc_mod, self.pins, self.C = _bpfsys, _tc, _pins, _constants
+        self.deploy = _deploy
+        with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
+            self.base = BPF(text=f.read().encode(), cflags=["-DCONSUMER_LIMIT=%d" % LIMIT])
+        self.params = dict(
+            state="present",
+            interfaces=[BROKER_LINK],
+            port=5672,
+            limit=LIMIT,
+            action="drop",
+            frame_max=_constants.DEFAULT_FRAME_MAX,
+            netns=self.ns,
+            pin_dir=PIN_ROOT,
+            kernel_headers=None,
+            lock_timeout=120,
+            strict=False,
+        )
+        result = _deploy.apply(self.params, _render.read_template())
+        (outcome,) = [o for o in result.outcomes if o.program_id]
+        self.ours_fd = _bpfsys.prog_get_fd_by_id(outcome.program_id)
+        # The pair's egress half (server-sent cancels) runs in "ours" cells only.
+        with _tc.open_netns(self.ns) as tc:
+            egress = tc.find_filter(
+                BROKER_LINK,
+                _constants.EGRESS_FILTER_PREF,
+                _constants.EGRESS_FILTER_HANDLE,
+                "egress",
+            )
+        self.egress_fd = _bpfsys.prog_get_fd_by_id(egress["prog_id"])
+        self.egress_name = egress["name"]
+        self.pin = _names.pin_dir(PIN_ROOT, _names.namespace_key(self.ns), BROKER_LINK)
+        self.fds = {
+            "noop": self.base.load_func(b"noop", BPF.SCHED_CLS).fd,
+            "naive": self.base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd,
+            "ours": self.ours_fd,
+        }
+
+    def close(self):
+        try:
+            self.deploy.apply(dict(self.params, state="absent"))
+        finally:
+            self.bpfsys.close(self.ours_fd)
+            self.bpfsys.close(self.egress_fd)
+            self.base.cleanup()
+
+    def attach(self, variant):
+        egress_slot = (self.C.EGRESS_FILTER_PREF, self.C.EGRESS_FILTER_HANDLE, "egress")
+        with self.tc_mod.open_netns(self.ns) as tc:
+            if variant in ("none", "control"):
+                tc.detach(BROKER_LINK, self.C.FILTER_PREF, self.C.FILTER_HANDLE)
+            else:
+                tc.ensure_clsact(BROKER_LINK)
+                tc.attach(BROKER_LINK, self.fds[variant], "rgbench-" + variant,
+                          self.C.FILTER_PREF, self.C.FILTER_HANDLE)  # fmt: skip
+            if variant == "ours":
+                tc.attach(BROKER_LINK, self.egress_fd, self.egress_name, *egress_slot)
+            else:
+                tc.detach(BROKER_LINK, *egress_slot)
+
+    def cell(self, variant, mode, size, conns):
+        self.attach(variant)
+        fd = self.fds.get(variant)
+        warm = 0.8 if mode == "storm" else 0.6
+        start = time.time() + warm + 0.15 * conns
+        stop = start + self.args.seconds
+        procs = [
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    CLIENT_NS,
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "worker",
+                    "--host",
+                    BROKER_ADDR,
+                    "--user",
+                    self.host["amqp_user"],
+                    "--password",
+                    self.host["amqp_password"],
+                    "--mode",
+                    mode,
+                    "--size",
+                    str(size),
+                    "--index",
+                    str(i),
+                    "--start",
+                    repr(start),
+                    "--stop",
+                    repr(stop),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for i in range(conns)
+        ]
+        broker_pids = [int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()]
+        time.sleep(max(0.0, start - time.time()))
+        before = self.snapshot(fd, broker_pids)
+        time.sleep(max(0.0, stop - time.time()))
+        after = self.snapshot(fd, broker_pids)
+        done = cpu = 0.0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise RuntimeError("a %s worker failed (%s)" % (mode, variant))
+            got = json.loads(out.strip().splitlines()[-1])
+            done += got["done"]
+            cpu += got["cpu"]
+        row = {
+            "rate": done / (after["t"] - before["t"]),
+            "cpu": after["cpu"] - before["cpu"] + cpu,
+        }
+        if fd is not None:
+            runs = after["run_cnt"] - before["run_cnt"]
+            row["runs"] = runs
+            row["prog_ns"] = after["run_time_ns"] - before["run_time_ns"]
+            row["bytes"] = after["rx"] - before["rx"]
+        if variant == "ours":
+            row["counters"] = {k: after["counters"][k] - before["counters"][k]
+                               for k in after["counters"]}  # fmt: skip
+        return row
+
+    def snapshot(self, fd, broker_pids):
+        snap = {"t": time.time(), "cpu": proc_cpu(broker_pids), "rx": rx_bytes(self.ns)}
+        if fd is not None:
+            info = self.bpfsys.prog_info(fd)
+            snap["run_cnt"], snap["run_time_ns"] = info["run_cnt"], info["run_time_ns"]
+        snap["counters"] = self.pins.counters(self.pin)
+        return snap
+
+
+WORKLOADS = [
+    ("64 B", "publish", 64, 1),
+    ("64 B", "publish", 64, 8),
+    ("4 KiB", "publish", 4096, 1),
+    ("4 KiB", "publish", 4096, 8),
+    ("1 MiB", "publish", 1 << 20, 1),
+    ("1 MiB", "publish", 1 << 20, 8),
+    ("consume/cancel", "storm", 0, 1),
+]
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(tso, name, conns, rounds):
+    """One table row from the rounds of one workload."""
+    base = [r["none"]["rate"] for r in rounds]
+    # A round whose no-program cell completed nothing (the machine stalled) says nothing.
+    rounds = [r for r in rounds if r["none"]["rate"] > 0] or rounds[:0]
+    if not rounds:
+        return "| %s | %s | %d | no round completed |" % (tso, name, conns), {}
+    ratio = {v: median([r[v]["rate"] / r["none"]["rate"] for r in rounds]) for v in VARIANTS}
+    spread = [r["control"]["rate"] / r["none"]["rate"] for r in rounds]
+    ns = {}
+    for v in ("noop", "naive", "ours"):
+        runs = sum(r[v]["runs"] for r in rounds)
+        ns[v] = sum(r[v]["prog_ns"] for r in rounds) / max(runs, 1)
+    ours = [r["ours"] for r in rounds]
+    share = sum(o["prog_ns"] for o in ours) / 1e9 / max(sum(o["cpu"] for o in ours), 1e-9)
+    size = sum(o["bytes"] for o in ours) / max(sum(o["runs"] for o in ours), 1)
+    counters = {}
+    for o in ours:
+        for k, v in o["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+    missed = "%d (%d)" % (counters.get("missed", -1), counters.get("passed_ahead", -1))
+    return (
+        "| %s | %s | %d | %.0f | %.3f (%.3f-%.3f) | %.3f | %.3f | %.3f | %.0f | %.0f | %.0f "
+        "| %.2fx | %.3f%% | %.0f | %s |"
+        % (tso, name, conns, median(base), ratio["control"], min(spread), max(spread),
+           ratio["noop"], ratio["naive"], ratio["ours"], ns["noop"], ns["naive"], ns["ours"],
+           ns["ours"] / max(ns["naive"], 1e-9), 100 * share, size, missed)
+    ), counters  # fmt: skip
+
+
+def run(args):
+    # SIGTERM (a timeout) takes everything down too, as an exception through the finally.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit("bench/broker.py: terminated"))
+    os.environ.update(RG_LAB_PREFIX=PREFIX, RG_LAB_SUBNET=SUBNET)
+    sys.path.insert(0, ROOT)
+    import lab
+
+    with open(STATS) as f:
+        stats_before = f.read().strip()
+    bench = None
+    lines = []
+    try:
+        (host,) = lab.up(n=1)
+        setup_client_link(host["netns"])
+        with open(STATS, "w") as f:
+            f.write("1")
+        bench = Bench(args, host)
+        for tso in (False, True):
+            set_client_tso(tso)
+            tso_name = "on" if tso else "off"
+            for name, mode, size, conns in WORKLOADS:
+                if args.only and args.only not in name:
+                    continue
+                if args.select and "%s:%s:%d" % (tso_name, name, conns) not in args.select:
+                    continue
+                rounds = []
+                for r in range(args.rounds):
+                    order = list(VARIANTS[:4])
+                    order = order[r % 4 :] + order[: r % 4]
+                    cells = {}
+                    for variant in order + ["control"]:
+                        cells[variant] = bench.cell(variant, mode, size, conns)
+                    rounds.append(cells)
+                line, counters = summarize(tso_name, name, conns, rounds)
+                print(line, flush=True)
+                print("    ours' counters: %s" % counters, file=sys.stderr, flush=True)
+                lines.append(line)
+    finally:
+        with open(STATS, "w") as f:
+            f.write(stats_before)
+        if bench is not None:
+            bench.close()
+        teardown_client_link()
+        lab.down()
+    return lines
+
+
+HEADER = (
+    "| client TSO | messages | conns | no program msg/s | control (spread) | no-op | naive "
+    "| ours | ns/pkt no-op | ns/pkt naive | ns/pkt ours | ours/naive | ours' CPU share "
+    "| bytes/pkt | missed (passed ahead) |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker")
+    w.add_argument("--host")
+    w.add_argument("--user")
+    w.add_argument("--password")
+    w.add_argument("--mode", choices=("publish", "storm"))
+    w.add_argument("--size", type=int)
+    w.add_argument("--index", type=int)
+    w.add_argument("--start", type=float)
+    w.add_argument("--stop", type=float)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s cells")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="workloads whose name contains this (e.g. '64 B')")
+    parser.add_argument(
+        "--select",
+        type=lambda text: text.split(","),
+        help="only these cells, as TSO:MESSAGES:CONNS,... (e.g. 'off:64 B:1,on:1 MiB:8')",
+    )
+    args = parser.parse_args()
+    if args.cmd == "worker":
+        worker(args)
+        return
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 2
+    print(
+        "RabbitMQ (lab host, own namespace) <- veth (broker GRO on) <- raw-socket publishers "
+        "with confirms; %d rounds of %.1f s per cell, variants in rotating order.\n"
+        "Ratios: messages/s (consume+cancel pairs/s for the storm) against no program, median "
+        "of rounds; control = no program again (its min-max across rounds is the noise).\n"
+        "ns/pkt: kernel.bpf_stats_enabled run_time_ns / run_cnt; CPU share: ours' run time / "
+        "CPU time of the broker's and the client's processes; bytes/pkt: per program run.\n"
+        % (args.rounds, args.seconds)
+    )
+    print(HEADER, flush=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
