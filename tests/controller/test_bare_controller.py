@@ -228,22 +228,27 @@ def _recap_ok(proc, hosts):
 
 
 def _assert_limit_enforced(lab_hosts):
-    """A client that opens LIMIT + 1 consumers on one connection gets LIMIT of them."""
+    """A client that opens LIMIT + 1 consumers on one connection gets LIMIT of them, and the
+    next is refused on its channel only."""
     for name, host in sorted(lab_hosts.items()):
         client = clients.connect("pika", host["ipv4"], name="rgc-%s" % name)
         try:
             outcome = clients.open_consumers(client, QUEUE, LIMIT + 1)
+            alive = client.alive
         finally:
             client.close(timeout=1)
         assert outcome.count == LIMIT, "%s: %r" % (name, outcome)
         assert isinstance(outcome.error, clients.ConsumeFailed), "%s: %r" % (name, outcome)
+        # The role's default action, refuse: a channel error, and the connection stays open.
+        assert outcome.error.kind == "channel", "%s: %r" % (name, outcome)
+        assert alive, "%s: the connection did not survive the refusal" % name
 
 
 def _assert_status(proc, lab_hosts):
     for name in lab_hosts:
         assert "rabbitguard limiter on %s: 1 interface(s)" % name in proc.stdout, proc.stdout
     # interface, namespace, attached, program, port, limit, action
-    rows = re.findall(r"eth0 +\S+ +yes +\d+ +5672 +%d +reset" % LIMIT, proc.stdout)
+    rows = re.findall(r"eth0 +\S+ +yes +\d+ +5672 +%d +refuse" % LIMIT, proc.stdout)
     assert len(rows) == len(lab_hosts), proc.stdout
 
 
