@@ -12,12 +12,13 @@
 #      exactly DEMO_LIMIT consumers on rabbit3 shows up as a connection at the limit)
 #
 # The lab stays up afterwards; take it down with:  sudo /usr/bin/python3 lab/lab.py down
-# Environment: DEMO_LIMIT (default 5), DEMO_ACTION (reset, drop or monitor; default reset).
+# Environment: DEMO_LIMIT (default 5), DEMO_ACTION (refuse, reset, drop or monitor; default refuse:
+# the role's default).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LIMIT="${DEMO_LIMIT:-5}"
-ACTION="${DEMO_ACTION:-reset}"
+ACTION="${DEMO_ACTION:-refuse}"
 # Directories the role writes on a host: each lab host gets a private copy of them.
 export RG_LAB_PRIVATE_DIRS="/etc/rabbitguard:/usr/local/lib/rabbitguard:/etc/systemd/system:/var/lib/prometheus"
 

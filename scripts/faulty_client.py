@@ -7,9 +7,10 @@
 
 It declares a server-named queue, then calls basic.consume on it again and again (spread
 over --channels channels) until something stops it, and prints how many consumers it got.
-With the limiter deployed (action reset or drop), that is exactly the limit: the consume
-over the limit is refused and the connection dies (reset: at once; drop: when the 2 s
-heartbeat gives up). Without a limiter it stops at --max and says so.
+With the limiter deployed (action refuse, reset or drop), that is exactly the limit: the
+consume over the limit is refused (refuse: a 404 channel error, the connection stays open;
+reset: the connection dies at once; drop: when the 2 s heartbeat gives up). Without a
+limiter it stops at --max and says so.
 
 Exit status: 0, or 1 when --expect N is given and it did not get exactly N consumers, or
 2 when it could not connect at all.
@@ -49,7 +50,7 @@ def run(args):
         }
     channels = [connection.channel() for _ in range(args.channels)]
     queue = channels[0].queue_declare("", exclusive=True, auto_delete=True).method.queue
-    count, stopped_by = 0, None
+    count, stopped_by, open_after = 0, None, None
     try:
         while count < args.max:
             channels[count % len(channels)].basic_consume(
@@ -60,6 +61,7 @@ def run(args):
             connection.sleep(args.hold)  # keeps heartbeats going
     except (pika.exceptions.AMQPError, OSError) as e:
         stopped_by = "%s: %s" % (type(e).__name__, e or "connection lost")
+        open_after = connection.is_open
     finally:
         if connection.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
@@ -71,6 +73,7 @@ def run(args):
         "consumers": count,
         "refused": stopped_by is not None,
         "stopped_by": stopped_by or "reached --max %d without being refused" % args.max,
+        "connection_open_after_refusal": open_after,
         "seconds": round(time.monotonic() - started, 2),
     }
 
@@ -110,13 +113,16 @@ def main(argv=None):
         print("faulty client: could not connect to %s: %s" % (args.host, result["stopped_by"]))
     else:
         print(
-            "faulty client: %s:%d: got %d consumers on one connection, then %s (%.2f s)"
+            "faulty client: %s:%d: got %d consumers on one connection, then %s (%.2f s)%s"
             % (
                 args.host,
                 args.port,
                 result["consumers"],
                 "refused: " + result["stopped_by"] if result["refused"] else result["stopped_by"],
                 result["seconds"],
+                {True: "; the connection stays open", False: "; the connection is gone"}.get(
+                    result.get("connection_open_after_refusal"), ""
+                ),
             )
         )
     if not result["connected"]:

@@ -155,7 +155,12 @@ install_packages() {
     local pkg
     local -a missing=() new_services=() epmd_before=() epmd_after=()
     for pkg in "${APT_PACKAGES[@]}"; do
-        is_installed "${pkg}" || missing+=("${pkg}")
+        is_installed "${pkg}" && continue
+        # NodeSource's nodejs ships npm itself and conflicts with Debian's npm package.
+        if [[ ${pkg} == npm ]] && command -v npm >/dev/null 2>&1; then
+            continue
+        fi
+        missing+=("${pkg}")
     done
     if [[ ${#missing[@]} -eq 0 && "${SETUP_HOST_FORCE_APT:-0}" != 1 ]]; then
         log "Debian packages: all ${#APT_PACKAGES[@]} installed"

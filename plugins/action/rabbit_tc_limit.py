@@ -16,7 +16,7 @@ import os
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _overrides
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _overrides, _render
 
 TEMPLATE = os.path.join("files", "bpf", "rabbit_limiter.c.j2")
 
@@ -41,7 +41,8 @@ class ActionModule(ActionBase):
         path = os.path.join(collection_root(), TEMPLATE)
         try:
             with open(path) as handle:
-                module_args["_template"] = handle.read()
+                # Packed: a module payload over 64 KiB hangs ansible-core's respawn.
+                module_args["_template"] = _render.pack_template(handle.read())
         except OSError as e:
             raise AnsibleActionFail("reading the classifier template %s: %s" % (path, e)) from e
         result.update(

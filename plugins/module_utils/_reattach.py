@@ -114,10 +114,15 @@ def ensure_bpffs() -> bool:
 
 
 def reattach(
-    params: dict[str, Any], template: str, wait: float = 0
+    params: dict[str, Any], template: str, wait: float = 0, warnings: list[str] | None = None
 ) -> list[tuple[str, str, str, str | None]]:
-    """Deploy the stored configuration; returns [(namespace key, interface, action, reason)]."""
+    """Deploy the stored configuration; returns [(namespace key, interface, action, reason)].
+
+    warnings, when given, receives what the run warned about (consumer counts not seeded
+    from the broker, say), as the module's ``warnings``: the run did not fail for them."""
     result = _deploy.apply(params, template, wait=wait)
+    if warnings is not None:
+        warnings.extend(result.warnings)
     return [(o.namespace, o.interface, o.action, o.reason) for o in result.outcomes]
 
 
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None, template: str | None = None) -> int:
                 ) from e
         if ensure_bpffs():
             sys.stdout.write("%s: mounted bpffs at %s\n" % (prog, _constants.BPFFS_ROOT))
-        for ns_key, ifname, action, reason in reattach(params, template, args.wait):
+        warnings: list[str] = []
+        for ns_key, ifname, action, reason in reattach(params, template, args.wait, warnings):
             sys.stdout.write(
                 "%s: %s/%s: %s%s (limit %d, action %s, port %d)\n"
                 % (
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None, template: str | None = None) -> int:
                     params["port"],
                 )
             )
+        for warning in warnings:
+            sys.stderr.write("%s: warning: %s\n" % (prog, warning))
     except (LimiterError, _render.ConfigError) as e:
         sys.stderr.write("%s: error: %s\n" % (prog, e))
         return 1

@@ -11,9 +11,11 @@ from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
+import base64
 import hashlib
 import os
 import re
+import zlib
 from typing import Any
 
 from . import _constants
@@ -108,6 +110,31 @@ def default_template_path() -> str:
 def read_template(path: str | None = None) -> str:
     with open(path or default_template_path()) as handle:
         return handle.read()
+
+
+# The template travels to the managed host as a module argument (the action plugin's
+# _template), compressed: ansible-core's respawn_module (into the system Python, for BCC)
+# writes the whole module payload into a pipe before it starts the child that reads it, so a
+# payload over the pipe's 64 KiB hangs the module for ever (ansible-core 2.17 to 2.19). The
+# plain template is over 64 KiB; packed, it is a third of that.
+PACKED_PREFIX = "zlib+base64:"
+
+
+def pack_template(text: str) -> str:
+    """The template as the action plugin sends it."""
+    return PACKED_PREFIX + base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
+
+
+def unpack_template(value: str) -> str:
+    """The template text from pack_template's form (plain text is taken as it is)."""
+    if not value.startswith(PACKED_PREFIX):
+        return value
+    try:
+        return zlib.decompress(base64.b64decode(value[len(PACKED_PREFIX) :])).decode("utf-8")
+    except (ValueError, zlib.error) as e:
+        raise ConfigError(
+            "the classifier template sent by the action plugin is damaged: %s" % e
+        ) from e
 
 
 def render(config: dict[str, Any], template_text: str) -> str:

@@ -63,7 +63,7 @@ def check_root(module: Any) -> None:
 
 def _template(params: dict[str, Any]) -> str:
     if params.get("_template"):
-        return str(params["_template"])
+        return _render.unpack_template(str(params["_template"]))
     # Without the action plugin (a module test, a direct run from the collection tree).
     try:
         return _render.read_template()

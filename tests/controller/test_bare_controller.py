@@ -228,23 +228,36 @@ def _recap_ok(proc, hosts):
 
 
 def _assert_limit_enforced(lab_hosts):
-    """A client that opens LIMIT + 1 consumers on one connection gets LIMIT of them."""
+    """A client that opens LIMIT + 1 consumers on one connection gets LIMIT of them, and the
+    next is refused on its channel only. Returns {host: the refused client's port}."""
+    refused = {}
     for name, host in sorted(lab_hosts.items()):
         client = clients.connect("pika", host["ipv4"], name="rgc-%s" % name)
         try:
             outcome = clients.open_consumers(client, QUEUE, LIMIT + 1)
+            alive = client.alive
+            refused[name] = client.local_port
         finally:
             client.close(timeout=1)
         assert outcome.count == LIMIT, "%s: %r" % (name, outcome)
         assert isinstance(outcome.error, clients.ConsumeFailed), "%s: %r" % (name, outcome)
+        # The role's default action, refuse: a channel error, and the connection stays open.
+        assert outcome.error.kind == "channel", "%s: %r" % (name, outcome)
+        assert alive, "%s: the connection did not survive the refusal" % name
+    return refused
 
 
-def _assert_status(proc, lab_hosts):
+def _assert_status(proc, lab_hosts, refused):
     for name in lab_hosts:
         assert "rabbitguard limiter on %s: 1 interface(s)" % name in proc.stdout, proc.stdout
     # interface, namespace, attached, program, port, limit, action
-    rows = re.findall(r"eth0 +\S+ +yes +\d+ +5672 +%d +reset" % LIMIT, proc.stdout)
+    rows = re.findall(r"eth0 +\S+ +yes +\d+ +5672 +%d +refuse" % LIMIT, proc.stdout)
     assert len(rows) == len(lab_hosts), proc.stdout
+    # The refusal log: the refused client, its channel, the consumers it held, the action.
+    # (The table is a debug msg: without a YAML callback its lines are joined by "\n".)
+    for name, port in refused.items():
+        pattern = r"\dT[\d:.+]+ +\S+:%d +\d+ +%d +refuse\b" % (port, LIMIT)
+        assert re.search(pattern, proc.stdout), (name, port, proc.stdout)
 
 
 def _assert_absent_cleaned(proc, lab_hosts):
@@ -274,13 +287,13 @@ def test_fresh_clone_runs_the_usage_commands(
     )
     _recap_ok(proc, hosts)
     assert all(_attached(name) for name in hosts)
-    _assert_limit_enforced(lab_hosts)
+    refused = _assert_limit_enforced(lab_hosts)
 
     proc = bare.run(
         ["ansible-playbook", "-i", inventory, "playbooks/limiter-status.yml"], clean_tree
     )
     _recap_ok(proc, hosts)
-    _assert_status(proc, lab_hosts)
+    _assert_status(proc, lab_hosts, refused)
 
     proc = bare.run(
         ["ansible", "rabbit", "-i", inventory, "-m", "rabbit_tc_limit", "-a", "state=absent"],
@@ -331,14 +344,14 @@ def test_installed_collection_runs_by_fqcn(
         elsewhere,
     )
     _recap_ok(proc, hosts)
-    _assert_limit_enforced(lab_hosts)
+    refused = _assert_limit_enforced(lab_hosts)
 
     proc = bare.run(
         ["ansible-playbook", "-i", inventory, os.path.join(playbooks, "limiter-status.yml")],
         elsewhere,
     )
     _recap_ok(proc, hosts)
-    _assert_status(proc, lab_hosts)
+    _assert_status(proc, lab_hosts, refused)
 
     proc = bare.run(
         ["ansible", "rabbit", "-i", inventory, "-m", "rabbitguard.limiter.rabbit_tc_limit"]

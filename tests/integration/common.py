@@ -5,11 +5,12 @@
 broker's own view), and running the modules through Ansible (tests.lib.ansible_run)."""
 
 import json
+import os
 import time
 
 import lab
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
-from tests.lib.ansible_run import INFO, LIMIT
+from tests.lib.ansible_run import INFO, LIMIT, REPO_ROOT
 
 # The module's host lock directory (_constants.LOCK_DIR) is per host, as on real hosts,
 # instead of one lock shared by every lab host and every lab on this machine.
@@ -154,3 +155,17 @@ def connection_of(entry, client):
     found = [c for c in entry["connections"] if c["client_port"] == client.local_port]
     assert len(found) <= 1, found
     return found[0] if found else None
+
+
+def status_table(ansible, host):
+    """The table playbooks/limiter-status.yml prints for host (its debug task's msg)."""
+    proc, records = ansible.playbook(
+        os.path.join(REPO_ROOT, "playbooks", "limiter-status.yml"), "-l", host
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    (text,) = [
+        r["result"]["msg"]
+        for r in records
+        if r["host"] == host and "rabbitguard limiter on" in str(r["result"].get("msg", ""))
+    ]
+    return text

@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.common import (
     broker_connections,
+    broker_consumers,
     connection_of,
     ensure,
     info,
@@ -87,3 +88,33 @@ def test_refuse_on_a_short_queue_name(ansible, lab_hosts, client_pool, queue):
     assert refused.value.kind == "channel" and "404" in refused.value.detail, refused.value
     assert client.alive
     assert sum(broker_connections(HOST)[client.local_port]["channels"].values()) == LIMIT
+
+
+def test_an_empty_queue_name_falls_back_to_a_drop_and_is_counted(ansible, lab_hosts, client_pool):
+    """An empty queue name means the channel's last declared queue: no rewrite can make the
+    broker refuse it, so refuse drops that segment as `drop` would (README), counts it in
+    refuse_fallbacks and logs the refusal as a drop. The consume never reaches the broker."""
+    ensure(ansible, HOST, limit=LIMIT, action="refuse")
+    addr = lab_hosts[HOST]["ipv4"]
+    queue = "rgi-refuse-fallback"
+    clients.declare_queues(addr, [queue])
+    fallbacks = limiter_entry(info(ansible, HOST))["counters"]["refuse_fallbacks"]
+    client = client_pool("pika", addr, "refuse-fallback")
+    channel = client.channel()
+    for _ in range(LIMIT):
+        client.consume(channel, queue)
+    other = client.channel()
+    with pytest.raises(clients.ConsumeFailed) as refused:
+        client.consume(other, "")
+    assert refused.value.kind in ("timeout", "connection"), refused.value
+    assert broker_consumers(HOST, client) in (LIMIT, None)
+
+    entry = limiter_entry(info(ansible, HOST))
+    assert entry["counters"]["refuse_fallbacks"] == fallbacks + 1, entry["counters"]
+    newest = entry["refusals"][0]
+    assert (newest["client_port"], newest["channel"], newest["consumers"], newest["action"]) == (
+        client.local_port,
+        other,
+        LIMIT,
+        "drop",
+    )

@@ -18,6 +18,7 @@ from tests.integration.common import (
     limiter_entry,
     remove,
     snapshot,
+    status_table,
 )
 from tests.lib import clients
 
@@ -56,6 +57,38 @@ def test_a_connection_older_than_the_limiter_keeps_its_count(ansible, lab_hosts,
         client.local_port,
         5,
         "refuse",
+    )
+
+
+def test_monitor_shows_a_connection_already_over_the_limit(ansible, lab_hosts, client_pool):
+    """The dry run before switching to refuse: deployed with monitor, the status table lists
+    at once the connection that already holds more than the limit, and refuses nothing."""
+    addr = lab_hosts[HOST]["ipv4"]
+    queue = "rgi-seed-monitor"
+    clients.declare_queues(addr, [queue])
+    remove(ansible, HOST)
+    client = client_pool("amqp", addr, "seed-monitor-5")
+    channel = client.channel()
+    for _ in range(5):
+        client.consume(channel, queue)
+
+    result = deploy(ansible, HOST, limit=LIMIT, action="monitor")
+    assert not result.get("warnings"), result
+    table = status_table(ansible, HOST)
+    assert "host/eth0: 1 connection(s) at 80% of the limit (3)" in table, table
+    (row,) = [line.split() for line in table.splitlines() if ":%d " % client.local_port in line]
+    # client -> broker, consumers, refused, synced, consumers per channel
+    assert row[3:5] == ["5", "0"] and row[-1] == "%d:5" % channel, (row, table)
+
+    client.consume(channel, queue)  # monitor refuses nothing, and reports it
+    assert client.alive
+    entry = limiter_entry(info(ansible, HOST))
+    assert connection_of(entry, client)["consumers"] == 6
+    newest = entry["refusals"][0]
+    assert (newest["client_port"], newest["consumers"], newest["action"]) == (
+        client.local_port,
+        5,
+        "monitor",
     )
 
 

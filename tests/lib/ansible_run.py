@@ -180,6 +180,20 @@ class Ansible:
             return [r[hosts] for r in results]
         return results
 
+    def playbook(self, path, *options):
+        """``ansible-playbook PATH OPTIONS``: (CompletedProcess, the results of every task as
+        [{host, task, status, result}])."""
+        results_file = os.path.join(self.workdir, "results-%s.jsonl" % uuid.uuid4().hex[:12])
+        env = dict(self.env, RGI_RESULTS_FILE=results_file)
+        proc = self._run(
+            [_which("ansible-playbook"), "-i", self.inventory, path] + list(options), env=env
+        )
+        records = []
+        if os.path.exists(results_file):
+            with open(results_file) as handle:
+                records = [json.loads(line) for line in handle]
+        return proc, records
+
     def run(self, host, module, check=False, diff=False, **args):
         """One module run on one host: its registered result."""
         (result,) = self.play(host, [task(module, check=check, diff=diff, **args)])

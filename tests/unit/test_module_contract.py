@@ -429,6 +429,31 @@ def test_the_boot_program_takes_the_same_path(host):
     assert run(limit=3).result["changed"] is False
 
 
+def test_the_boot_program_says_when_it_could_not_seed_and_still_attaches(
+    host, tmp_path, monkeypatch, capsys
+):
+    """At boot, a broker that cannot be asked is a warning on stderr (the journal), the
+    limiter is attached all the same and the exit status is 0."""
+    from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+        _reattach,
+        _render,
+        _seed,
+    )
+
+    monkeypatch.setattr(_seed.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_reattach, "ensure_bpffs", lambda: False)
+    config = tmp_path / "limiter.json"
+    config.write_text('{"limit": 3, "action": "refuse"}')
+    assert _reattach.main([str(config)], template=_render.read_template()) == 0
+    out, err = capsys.readouterr()
+    assert "host/eth0: create" in out, out
+    assert err == (
+        "rabbitguard-reattach: warning: consumer counts not seeded from the broker, counting "
+        "starts at zero: rabbitmqctl is not installed on this host\n"
+    ), err
+    assert run(limit=3, action="refuse").result["changed"] is False
+
+
 def test_the_pin_store_fake_speaks_the_real_layout():
     """FakePins reads names back the way _names writes them (an escaped VLAN name too)."""
     pins = FakePins()
