@@ -254,6 +254,10 @@ def deploy(
             _constants.FILTER_PREF,
             _constants.FILTER_HANDLE,
         )
+        # Only now that the new ingress program has replaced the old one: until then the old
+        # one walked long segments on through this (pinned, shared) array, into its own
+        # continuation; from now on the new one does, into this one.
+        _compile.fill_continuation(pin, progs.more)
         tc.attach(
             ifname,
             progs.egress,
@@ -275,9 +279,6 @@ def deploy(
             _bpfsys.close(fd)
         raise
     try:
-        # Only now: until the new ingress program replaced the old one, the old one walked
-        # long segments on through this (pinned, shared) array, into its own continuation.
-        _compile.fill_continuation(pin, progs.more)
         previously = (observed.get("config") or {}).get("created_clsact", False)
         _pins.write_config(pin, config, digest, created_clsact or previously)
         # The pins of an older release's layout: its program was just replaced.

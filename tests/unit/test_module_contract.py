@@ -584,3 +584,24 @@ def test_a_failed_attach_leaves_the_old_continuation(host, monkeypatch):
     monkeypatch.setattr(host.namespaces[None], "attach", broken)
     assert run(limit=6).failed
     assert len(host.continuations) == 1
+
+
+def test_an_egress_attach_that_fails_leaves_the_continuation_of_the_attached_ingress(
+    host, monkeypatch
+):
+    """The ingress program swapped in walks on through walk_more: whatever happens to the
+    egress half after it, the slot holds the continuation of the ingress program that runs."""
+    run(limit=4)
+    tc = host.namespaces[None]
+    attach = tc.attach
+
+    def egress_fails(ifname, prog_fd, name, pref, handle, hook="ingress"):
+        if hook == "egress":
+            raise LimiterError("attaching the egress filter: boom")
+        attach(ifname, prog_fd, name, pref, handle, hook)
+
+    monkeypatch.setattr(tc, "attach", egress_fails)
+    assert run(limit=6).failed
+    (_pin, more, attached) = host.continuations[-1]
+    assert len(host.continuations) == 2
+    assert attached == [tc.filters["eth0"][0]["prog_id"]] and more == attached[0] + 2
