@@ -12,7 +12,8 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _render
 from tests.bpf.test_variants import VERIFIER_BUDGET
-from tests.lib.dataplane import Dataplane
+from tests.lib import amqp
+from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Dataplane, Flow
 
 pytestmark = pytest.mark.bpf
 
@@ -49,3 +50,44 @@ def test_load_bytes_variant_passes_the_verifier(action, l2, limit):
         assert _bpfsys.prog_info(dp.function.fd)["verified_insns"] < VERIFIER_BUDGET
     finally:
         dp.close()
+
+
+# The walk reads a frame's peek window (the previous frame's end octet, then 11 header
+# bytes) from a read-ahead of READ_AHEAD bytes that one bpf_skb_load_bytes fills, on paged
+# data (and on the helper path here). A heartbeat at offset 0, then a body frame of `size`
+# bytes whose peek window (offset 7) fills the read-ahead [7, 7 + READ_AHEAD): the consume
+# after the body starts at 16 + size, and its window [15 + size, 27 + size) lies inside the
+# read-ahead, across its end (at every offset) or just past it.
+READ_AHEAD = 256
+ACROSS = range(READ_AHEAD - 22, READ_AHEAD - 5)
+
+
+def body_frame(size, end=amqp.FRAME_END):
+    return amqp.frame(amqp.BODY, 1, b"\xce" * size)[:-1] + bytes([end])
+
+
+@pytest.mark.parametrize("size", ACROSS)
+def test_a_header_across_the_read_ahead_end_is_read(dataplanes, size):
+    dp = dataplanes(limit=1, action="drop")
+    flow = Flow(dp)
+    assert flow.handshake() == TC_ACT_OK
+    segment = amqp.heartbeat() + body_frame(size) + amqp.consume(1) + amqp.heartbeat()
+    assert flow.send(segment) == TC_ACT_OK
+    assert flow.consumers() == 1
+    assert dp.counters()["missed"] == 0
+    # The position is exact after it: the next consume is the one over the limit.
+    assert flow.send(amqp.heartbeat() + body_frame(size) + amqp.consume(2)) == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("size", ACROSS)
+def test_a_bad_end_octet_across_the_read_ahead_end_loses_sync(dataplanes, size):
+    """The body's end octet is the first octet of the consume's peek window: checked there
+    too, wherever the window falls, and the consume behind it is not counted."""
+    dp = dataplanes(limit=1, action="drop")
+    flow = Flow(dp)
+    assert flow.handshake() == TC_ACT_OK
+    segment = amqp.heartbeat() + body_frame(size, end=0) + amqp.consume(1) + amqp.heartbeat()
+    assert flow.send(segment) == TC_ACT_OK
+    assert flow.consumers() == 0
+    assert flow.state().synced == 0
+    assert dp.counters()["missed"] == 1
