@@ -241,9 +241,7 @@ class Undo:
 
     def __init__(self, tc: _tc.Tc, ifname: str, pin: str, observed: Observation) -> None:
         self.tc, self.ifname, self.pin = tc, ifname, pin
-        self.new_pins = [
-            name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))
-        ]
+        self.new_pins = _pins.missing(pin)
         self.config = observed.get("config")
         self.created_clsact = False
         self.fds: list[int] = []
@@ -315,7 +313,7 @@ class Undo:
                 step("clsact qdisc", self.tc.remove_clsact_if_empty, self.ifname)
         if len(self.new_pins) == len(_layout.MAP_NAMES):
             step("pins", _pins.unpin_interface, self.pin)  # nothing was here: no directory
-        else:
+        elif self.new_pins:
             step("pins", _pins.unpin, self.pin, self.new_pins)
         failed += ["the %s filter that was in the limiter's slot" % f for f in self.lost]
         return failed

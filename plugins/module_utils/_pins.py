@@ -319,6 +319,11 @@ def decode_refusals(log: Any, boot_to_wall: float) -> dict[str, Any]:
 CONTINUATION_ARRAY = "walk_more"
 
 
+def missing(pin: str) -> list[str]:
+    """The names of the layout's maps not pinned in pin."""
+    return [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
+
+
 def continuation_id(pin: str) -> int | None:
     """The id of the program in the walk_more array's slot (0: the slot is empty; None: the
     array is not pinned)."""
