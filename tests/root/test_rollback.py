@@ -215,3 +215,24 @@ def test_another_compiles_program_in_walk_more_is_drift_and_repaired(site, templ
     assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.CONTINUATION_DIFFERS)
     assert site.info()[0]["drift"] is None
     assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
+
+
+def test_a_foreign_filter_the_run_had_to_delete_is_named_when_the_run_fails(site, template):
+    # Another tool's IPv4-only filter in the limiter's ingress slot: the deploy deletes it
+    # (no program to swap in place), then fails at the egress half and cannot bring it back.
+    block_egress(site, IFACE)
+    sh(
+        *("ip", "netns", "exec", site.netns, "tc", "filter", "add", "dev", IFACE, "ingress"),
+        *("pref", str(C.FILTER_PREF), "handle", hex(C.FILTER_HANDLE), "protocol", "ip"),
+        *("bpf", "bytecode", "1,6 0 0 0"),
+    )
+
+    with pytest.raises(LimiterError) as failed:
+        _deploy.apply(site.params(), template)
+
+    msg = str(failed.value)
+    assert "NOT as before" in msg and "the bpf ingress filter that was in the limiter's slot" in msg
+    # What is left is exactly what the message says: that filter is gone, nothing of ours is.
+    assert tc_show(site, IFACE, "ingress") == []
+    assert [f.get("protocol") for f in tc_show(site, IFACE, "egress") if "options" in f] == ["ip"]
+    assert pin_files(site) == []
