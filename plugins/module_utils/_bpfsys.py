@@ -283,6 +283,8 @@ def prog_info(fd: int) -> dict[str, Any]:
         "run_time_ns": info.run_time_ns,
         "run_cnt": info.run_cnt,
         "verified_insns": info.verified_insns,
+        "btf_id": info.btf_id,
+        "load_time": info.load_time,
     }
 
 

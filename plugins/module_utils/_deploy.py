@@ -165,14 +165,30 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
         "egress_filter": egress,
         "shadows": [f for f in filters if f["pref"] < _constants.FILTER_PREF],
         "maps_match": None,
+        "continuation": None,
     }
     prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
     if pins and prog_id:
+        observation["continuation"] = _continuation_state(pin, prog_id)
         observation["maps_match"] = _pins.program_uses_pins(pin, prog_id)
         egress_id = egress.get("prog_id") if egress and _plan.is_ours(egress) else None
         if observation["maps_match"] and egress_id:
             observation["maps_match"] = _pins.program_uses_pins(pin, egress_id)
     return observation
+
+
+def _continuation_state(pin: str, prog_id: int) -> str | None:
+    """ "ok", "empty" or "foreign": the walk_more slot against the attached ingress program
+    (None: no walk_more array pinned, as with an older layout)."""
+    try:
+        more_id = _pins.continuation_id(pin)
+        if more_id is None:
+            return None
+        if not more_id:
+            return "empty"
+        return "ok" if _pins.is_continuation_of(prog_id, more_id) else "foreign"
+    except LimiterError:
+        return "foreign"  # a program that went away while we looked
 
 
 def desire(
@@ -213,6 +229,111 @@ def pick_interfaces(tc: _tc.Tc, requested: list[str] | None, netns: str | None) 
 # -- changing things --------------------------------------------------------------------------
 
 
+class Undo:
+    """What one deploy changed and how to put it back: the programs that were attached (held
+    open by fd, so that they can be attached again), the walk_more slot, the config and
+    overrides, the pins and the clsact qdisc this deploy made.
+
+    Taken before anything is touched; restore() brings the interface back to that state
+    (the same program ids on both hooks and in walk_more, the same pins); close() drops the
+    fds once the run has succeeded.
+    """
+
+    def __init__(self, tc: _tc.Tc, ifname: str, pin: str, observed: Observation) -> None:
+        self.tc, self.ifname, self.pin = tc, ifname, pin
+        self.new_pins = _pins.missing(pin)
+        self.config = observed.get("config")
+        self.created_clsact = False
+        self.fds: list[int] = []
+        # The bpf filters (ours or anyone's, for all protocols: those attach swaps in place)
+        # that were in the two slots: (fd, name) or None.
+        self.ingress = self._hold_filter(observed.get("filter"))
+        self.egress = self._hold_filter(observed.get("egress_filter"))
+        self.more: int | None = None
+        more_id = (
+            _pins.continuation_id(pin) if _pins.CONTINUATION_ARRAY not in self.new_pins else None
+        )
+        if more_id:
+            self.more = self._hold(more_id)
+        # Filters _clear_foreign deleted: no program to put back (reported on failure).
+        self.lost: list[str] = []
+
+    def _hold(self, prog_id: int) -> int | None:
+        try:
+            fd = _bpfsys.prog_get_fd_by_id(prog_id)
+        except LimiterError:
+            return None
+        self.fds.append(fd)
+        return fd
+
+    def _hold_filter(self, found: dict[str, Any] | None) -> tuple[int, str] | None:
+        if not found or found.get("kind") != "bpf" or not found.get("prog_id"):
+            return None
+        if found.get("protocol") != _tc.ETH_P_ALL:
+            return None
+        fd = self._hold(found["prog_id"])
+        return None if fd is None else (fd, found.get("name") or "")
+
+    def _slot(self, held: tuple[int, str] | None, hook: str) -> None:
+        pref, handle = (
+            (_constants.FILTER_PREF, _constants.FILTER_HANDLE)
+            if hook == "ingress"
+            else (_constants.EGRESS_FILTER_PREF, _constants.EGRESS_FILTER_HANDLE)
+        )
+        if held is not None:
+            self.tc.attach(self.ifname, held[0], held[1], pref, handle, hook)
+        elif _plan.is_ours(self.tc.find_filter(self.ifname, pref, handle, hook)):
+            self.tc.detach(self.ifname, pref, handle, hook)
+
+    def restore(self) -> list[str]:
+        """Put the interface back as it was; what could not be put back (empty: all was)."""
+        failed: list[str] = []
+
+        def step(what: str, do: Any, *args: Any) -> None:
+            try:
+                do(*args)
+            except Exception as e:  # every step is tried, whatever the others do
+                failed.append("%s: %s" % (what, e))
+
+        if self.tc.interface_exists(self.ifname):
+            step("ingress filter", self._slot, self.ingress, "ingress")
+        if _pins.CONTINUATION_ARRAY not in self.new_pins:
+            if self.more is not None:
+                step("walk_more", _compile.fill_continuation, self.pin, self.more)
+            else:
+                step("walk_more", self._empty_continuation)
+        if self.config is not None:
+            if _overrides.MAP_NAME not in self.new_pins:
+                step("overrides", _overrides.sync, self.pin, self.config.get("overrides") or [])
+            if "config" not in self.new_pins:
+                step("config", self._write_old_config)
+        if self.tc.interface_exists(self.ifname):
+            step("egress filter", self._slot, self.egress, "egress")
+            if self.created_clsact:
+                step("clsact qdisc", self.tc.remove_clsact_if_empty, self.ifname)
+        if len(self.new_pins) == len(_layout.MAP_NAMES):
+            step("pins", _pins.unpin_interface, self.pin)  # nothing was here: no directory
+        elif self.new_pins:
+            step("pins", _pins.unpin, self.pin, self.new_pins)
+        failed += ["the %s filter that was in the limiter's slot" % f for f in self.lost]
+        return failed
+
+    def _empty_continuation(self) -> None:
+        path = os.path.join(self.pin, _pins.CONTINUATION_ARRAY)
+        if os.path.exists(path):
+            with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+                _bpfsys.map_delete(fd, b"\x00" * 4)
+
+    def _write_old_config(self) -> None:
+        config = cast(Dict[str, Any], self.config)
+        _pins.write_config(self.pin, config, config["digest"], config["created_clsact"])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            _bpfsys.close(fd)
+        self.fds = []
+
+
 def deploy(
     tc: _tc.Tc,
     ifname: str,
@@ -220,31 +341,37 @@ def deploy(
     desired: Desired,
     observed: Observation,
     prime: Any = None,
+    undo: Undo | None = None,
 ) -> int:
-    """Compile, attach (atomic replace) and record. Returns the new program id.
+    """Compile, attach the pair (each half swapped in place), fill walk_more and record.
+    Returns the new ingress program id.
 
     prime: called with (ifname, pin directory) once the maps exist and before the program
     goes live (seeding from the broker: _seed.Seeder).
 
-    Until the attach succeeds nothing the user relies on has changed: a failure before it
-    removes what this call created (new pins, a new clsact) and leaves the previous
-    filter in place and working.
+    undo: an Undo taken before (the caller keeps it to undo this deploy when a later one of
+    the run fails); without it, one is taken here. A failure anywhere puts the interface
+    back as it was (Undo.restore) and raises; if that cannot be done in full, the error
+    says what is left as it stands.
     """
     config, digest = desired["config"], desired["digest"]
     pin = config["pin_dir"]
-    new_pins = [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
-    created_clsact = False
+    own = undo is None
+    undo = Undo(tc, ifname, pin, observed) if undo is None else undo
     progs = None
-    overrides_before = (observed.get("config") or {}).get("overrides")
     try:
         progs = _compile.compile_programs_isolated(source, pin)
         # Before the attach, so that the new program limits by source from its first packet.
         _overrides.sync(pin, config.get("overrides") or [])
         if prime is not None:
             prime(ifname, pin)
-        created_clsact = tc.ensure_clsact(ifname)
-        _clear_foreign(tc, ifname, observed.get("filter"))
-        _clear_foreign(tc, ifname, observed.get("egress_filter"), "egress")
+        undo.created_clsact = tc.ensure_clsact(ifname)
+        for found, hook in (
+            (observed.get("filter"), "ingress"),
+            (observed.get("egress_filter"), "egress"),
+        ):
+            if _clear_foreign(tc, ifname, found, hook):
+                undo.lost.append("%s %s" % (found["kind"], hook) if found else hook)
         # The pair under one name: ingress first (the limit), then egress (the broker's
         # cancels), each swapped in place.
         tc.attach(
@@ -266,27 +393,41 @@ def deploy(
             _constants.EGRESS_FILTER_HANDLE,
             "egress",
         )
-    except Exception:
-        if created_clsact:
-            tc.remove_clsact_if_empty(ifname)
-        if _overrides.MAP_NAME not in new_pins and overrides_before is not None:
-            _overrides.sync(pin, overrides_before)  # the old program keeps its overrides
-        if len(new_pins) == len(_layout.MAP_NAMES):
-            _pins.unpin_interface(pin)  # nothing was here: leave no directory either
-        else:
-            _pins.unpin(pin, new_pins)
+        previously = (observed.get("config") or {}).get("created_clsact", False)
+        _pins.write_config(pin, config, digest, undo.created_clsact or previously)
+        return _program_id(progs.ingress)
+    except Exception as e:
+        if not own:
+            raise  # the caller puts this and the run's other interfaces back
+        raise rolled_back(e, [(_label_of(tc, ifname), undo)]) from e
+    finally:
         for fd in progs or ():
             _bpfsys.close(fd)
-        raise
-    try:
-        previously = (observed.get("config") or {}).get("created_clsact", False)
-        _pins.write_config(pin, config, digest, created_clsact or previously)
-        # The pins of an older release's layout: its program was just replaced.
-        _pins.unpin_other_layouts(pin)
-        return _program_id(progs.ingress)
-    finally:
-        for fd in progs:
-            _bpfsys.close(fd)
+        if own:
+            undo.close()
+
+
+def _label_of(tc: _tc.Tc, ifname: str) -> str:
+    return ifname if tc.netns is None else "%s/%s" % (tc.netns, ifname)
+
+
+def rolled_back(error: Exception, undos: list[tuple[str, Undo]]) -> Exception:
+    """Undo (last first) and return the error to raise: the original one when everything
+    is back as it was, else one that names what could not be put back."""
+    left = []
+    for label, undo in reversed(undos):
+        failed = undo.restore()
+        if failed:
+            left.append("%s: %s" % (label, "; ".join(failed)))
+    if not left:
+        return error
+    msg = getattr(error, "msg", None) or str(error)
+    return LimiterError(
+        "%s; putting things back as they were failed, so the host is NOT as before the run: "
+        "%s (state=present again repairs it; rabbit_tc_limit_info shows the drift)"
+        % (msg, " | ".join(left)),
+        {"not_restored": left},
+    )
 
 
 def _program_id(prog_fd: int) -> int:
@@ -295,7 +436,7 @@ def _program_id(prog_fd: int) -> int:
 
 def _clear_foreign(
     tc: _tc.Tc, ifname: str, found: dict[str, Any] | None, hook: str = "ingress"
-) -> None:
+) -> bool:
     """Delete a foreign filter in our slot that attach cannot swap in place.
 
     The kernel keeps one classifier kind and one protocol per pref, so a replace at our
@@ -305,10 +446,11 @@ def _clear_foreign(
     protocols is left to the attach, which replaces it atomically.
     """
     if found is None or _plan.is_ours(found):
-        return
+        return False
     if found.get("kind") == "bpf" and found.get("protocol") == _tc.ETH_P_ALL:
-        return
+        return False
     tc.delete_filter(ifname, found["kind"], found["protocol"], found["pref"], found["handle"], hook)
+    return True
 
 
 def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
@@ -488,27 +630,59 @@ def _act(
     result: ApplyResult,
     prime: Any = None,
 ) -> None:
+    """Do the actions: builds first, then overrides updates, then removals. A failure puts
+    every interface this run changed back as it was (see Undo) and raises; the outcomes
+    are added to result only once every action succeeded."""
+    outcomes = []
     for ifname, (action, reason) in sorted(actions.items()):
         seen = observed.get(ifname, {})
         want = desired.get(ifname)
-        outcome = Outcome(
-            namespace=ns_key,
-            interface=ifname,
-            action=action,
-            reason=reason,
-            before=_plan.public_config(seen.get("config"))
-            if _plan.is_ours(seen.get("filter"))
-            else None,
-            after=_plan.public_config(want["config"]) if want else None,
-            program_id=(seen.get("filter") or {}).get("prog_id") if want else None,
-            pin_dir=want["config"]["pin_dir"] if want else seen.get("pin_dir"),
+        outcomes.append(
+            Outcome(
+                namespace=ns_key,
+                interface=ifname,
+                action=action,
+                reason=reason,
+                before=_plan.public_config(seen.get("config"))
+                if _plan.is_ours(seen.get("filter"))
+                else None,
+                after=_plan.public_config(want["config"]) if want else None,
+                program_id=(seen.get("filter") or {}).get("prog_id") if want else None,
+                pin_dir=want["config"]["pin_dir"] if want else seen.get("pin_dir"),
+            )
         )
-        if not check_mode:
-            if action in BUILDS and want is not None:  # a build is always of something wanted
-                outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen, prime)
-                outcome.compiled = True
-            elif action == _plan.UPDATE and want is not None:
-                _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
-            elif action == _plan.REMOVE:
-                remove(tc, ifname, seen)
-        result.outcomes.append(outcome)
+    if check_mode:
+        result.outcomes += outcomes
+        return
+    order = (BUILDS, (_plan.UPDATE,), (_plan.REMOVE,))
+    undos: list[tuple[str, Undo]] = []
+    try:
+        for kinds in order:
+            for outcome in outcomes:
+                ifname = outcome.interface
+                seen, want = observed.get(ifname, {}), desired.get(ifname)
+                if outcome.action not in kinds:
+                    continue
+                if outcome.action in BUILDS and want is not None:
+                    undo = Undo(tc, ifname, want["config"]["pin_dir"], seen)
+                    undos.append((_label(ns_key, ifname), undo))
+                    outcome.program_id = deploy(
+                        tc, ifname, sources[ifname], want, seen, prime, undo
+                    )
+                    outcome.compiled = True
+                elif outcome.action == _plan.UPDATE and want is not None:
+                    undo = Undo(tc, ifname, want["config"]["pin_dir"], seen)
+                    undos.append((_label(ns_key, ifname), undo))
+                    _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
+                elif outcome.action == _plan.REMOVE:
+                    remove(tc, ifname, seen)
+    except Exception as e:
+        raise rolled_back(e, undos) from e
+    finally:
+        for _name, undo in undos:
+            undo.close()
+    for outcome in outcomes:
+        if outcome.compiled and outcome.pin_dir:
+            # The pins of an older release's layout: its program was just replaced.
+            _pins.unpin_other_layouts(outcome.pin_dir)
+    result.outcomes += outcomes

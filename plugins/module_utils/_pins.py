@@ -16,6 +16,7 @@ import ctypes
 import datetime
 import errno
 import os
+import struct
 import time
 from typing import Any
 
@@ -313,3 +314,35 @@ def decode_refusals(log: Any, boot_to_wall: float) -> dict[str, Any]:
         "fallbacks": log.fallbacks,
         "logged": log.next,
     }
+
+
+CONTINUATION_ARRAY = "walk_more"
+
+
+def missing(pin: str) -> list[str]:
+    """The names of the layout's maps not pinned in pin."""
+    return [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
+
+
+def continuation_id(pin: str) -> int | None:
+    """The id of the program in the walk_more array's slot (0: the slot is empty; None: the
+    array is not pinned)."""
+    path = os.path.join(pin, CONTINUATION_ARRAY)
+    if not os.path.exists(path):
+        return None
+    with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+        raw = _bpfsys.map_lookup(fd, _ZERO_KEY)
+    return struct.unpack("=I", raw[:4])[0] if raw else 0
+
+
+def is_continuation_of(prog_id: int, more_id: int) -> bool:
+    """Whether the loaded program more_id came from the same compile as prog_id (the pair's
+    ingress program): BCC loads one BTF object per compile and every program of it refers to
+    it. Without BTF, a program that uses this pair's maps is taken for its continuation."""
+    infos = []
+    for pid in (prog_id, more_id):
+        with _bpfsys.owned_fd(_bpfsys.prog_get_fd_by_id(pid)) as fd:
+            infos.append(_bpfsys.prog_info(fd))
+    if infos[0]["btf_id"] or infos[1]["btf_id"]:
+        return bool(infos[0]["btf_id"] == infos[1]["btf_id"])
+    return set(infos[1]["map_ids"]) <= set(infos[0]["map_ids"]) and bool(infos[1]["map_ids"])

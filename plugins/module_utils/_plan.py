@@ -13,6 +13,9 @@ An observation of one interface (see _deploy.observe) is a dict:
               half, deployed, replaced and removed with the ingress one under the same name
     maps_match  False when the attached program does not use the pinned maps (None: not
               known, e.g. no filter or no pins)
+    continuation  the walk_more array's slot against the ingress program: "ok" (its own
+              continuation), "empty", "foreign" (another compile's program), or None (not
+              looked at: no filter of ours, no pins)
     shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
 The config's "overrides" (per-source limits) are not in the rendered source, so not in the
@@ -44,6 +47,8 @@ IFACE_GONE = "the interface is gone but its pinned maps are there"
 EGRESS_GONE = "the egress filter (server-sent cancels) is missing"
 EGRESS_FOREIGN = "another program sits at the limiter's tc egress pref/handle"
 EGRESS_DIFFERS = "the egress filter is not the ingress filter's pair"
+CONTINUATION_GONE = "the walk's continuation program is missing from the walk_more array"
+CONTINUATION_DIFFERS = "the walk_more array holds a program that is not this pair's continuation"
 
 
 def filter_name(digest: str) -> str:
@@ -77,6 +82,8 @@ def plan_interface(
         return REPAIR, egress_problem
     if observed.get("maps_match") is False:
         return REPAIR, MAPS_DIFFER
+    if _continuation_drift(observed):
+        return REPAIR, _continuation_drift(observed)
     if (observed.get("config") or {}).get("digest") != desired["digest"]:
         return REPAIR, CONFIG_GONE
     if (observed["config"].get("overrides") or []) != (desired["config"].get("overrides") or []):
@@ -94,6 +101,14 @@ def _egress_drift(observed: dict[str, Any]) -> str | None:
     if egress.get("name") != observed["filter"]["name"]:
         return EGRESS_DIFFERS
     return None
+
+
+def _continuation_drift(observed: dict[str, Any]) -> str | None:
+    """What is wrong with the walk_more slot of a pair whose ingress filter is ours: the
+    observation's "continuation" is "ok", "empty", "foreign", or None (not looked at)."""
+    return {"empty": CONTINUATION_GONE, "foreign": CONTINUATION_DIFFERS}.get(
+        observed.get("continuation") or ""
+    )
 
 
 def drift(observed: dict[str, Any]) -> str | None:
@@ -118,7 +133,7 @@ def drift(observed: dict[str, Any]) -> str | None:
         return egress_problem
     if observed.get("maps_match") is False:
         return MAPS_DIFFER
-    return None
+    return _continuation_drift(observed)
 
 
 def shadow_warnings(ifname: str, observed: dict[str, Any], our_pref: int) -> list[str]:

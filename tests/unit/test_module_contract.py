@@ -17,6 +17,7 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _compile,
     _deploy,
     _host,
+    _layout,
     _names,
     _overrides,
     _pins,
@@ -173,6 +174,17 @@ class FakePins:
         """The ingress, egress and continuation programs of one source."""
         return _compile.Programs(*(self.compile_isolated(source, pin) for _ in range(3)))
 
+    def missing(self, pin):
+        return [] if pin in self.pinned else list(_layout.MAP_NAMES)
+
+    def continuation_id(self, pin):
+        """The last continuation put in pin's walk_more (0: none yet)."""
+        fills = [more for p, more, _ in getattr(self, "continuations", ()) if p == pin]
+        return fills[-1] if fills else 0
+
+    def is_continuation_of(self, prog_id, more_id):
+        return more_id == prog_id + 2  # loaded together: ingress, egress, more
+
     def fill_continuation(self, pin, more_fd):
         """Records the continuation put in walk_more, and the ingress programs attached
         at that moment (fds are ids here)."""
@@ -247,6 +259,9 @@ def host(monkeypatch):
         "program_uses_pins",
         "check_tree",
         "unpin_other_layouts",
+        "missing",
+        "continuation_id",
+        "is_continuation_of",
     ):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
@@ -254,6 +269,7 @@ def host(monkeypatch):
     monkeypatch.setattr(_compile, "compile_programs_isolated", pins.compile_programs_isolated)
     monkeypatch.setattr(_compile, "fill_continuation", pins.fill_continuation)
     monkeypatch.setattr(_bpfsys, "close", lambda fd: None)
+    monkeypatch.setattr(_bpfsys, "prog_get_fd_by_id", lambda prog_id: prog_id)  # fds are ids
     monkeypatch.setattr(_deploy, "_program_id", lambda fd: fd)
     monkeypatch.setattr(_host, "check_bpffs", lambda: None)
     monkeypatch.setattr(_host, "host_lock", lambda timeout: contextlib.nullcontext())
@@ -577,21 +593,38 @@ def test_the_walk_continuation_goes_in_only_once_its_program_is_attached(host):
 
 def test_a_failed_attach_leaves_the_old_continuation(host, monkeypatch):
     run(limit=4)
+    (first,) = host.continuations
 
     def broken(*args, **kwargs):
         raise LimiterError("attaching: boom")
 
     monkeypatch.setattr(host.namespaces[None], "attach", broken)
     assert run(limit=6).failed
-    assert len(host.continuations) == 1
+    # No new continuation ever went in (putting the old one back is all the undo did).
+    assert {more for _pin, more, _attached in host.continuations} == {first[1]}
 
 
-def test_an_egress_attach_that_fails_leaves_the_continuation_of_the_attached_ingress(
-    host, monkeypatch
-):
-    """The ingress program swapped in walks on through walk_more: whatever happens to the
-    egress half after it, the slot holds the continuation of the ingress program that runs."""
-    run(limit=4)
+def test_an_egress_attach_that_fails_puts_the_old_pair_and_continuation_back(host, monkeypatch):
+    """The new ingress program and its continuation were in when the egress half failed:
+    the old ingress program goes back, then its own continuation, and the old egress."""
+    first = entry(run(limit=4))
+    tc = host.namespaces[None]
+    before = (dict(tc.filters), dict(tc.egress_filters), dict(host.pinned))
+    attach = tc.attach
+
+    def egress_fails(ifname, prog_fd, name, pref, handle, hook="ingress"):
+        if hook == "egress" and prog_fd != first["program_id"] + 1:
+            raise LimiterError("attaching the egress filter: boom")
+        attach(ifname, prog_fd, name, pref, handle, hook)
+
+    monkeypatch.setattr(tc, "attach", egress_fails)
+    assert run(limit=6).failed
+    (_pin, more, attached) = host.continuations[-1]
+    assert attached == [first["program_id"]] and more == first["program_id"] + 2
+    assert (tc.filters, tc.egress_filters, host.pinned) == before
+
+
+def test_an_undo_that_cannot_be_done_in_full_says_what_is_left(host, monkeypatch):
     tc = host.namespaces[None]
     attach = tc.attach
 
@@ -600,8 +633,15 @@ def test_an_egress_attach_that_fails_leaves_the_continuation_of_the_attached_ing
             raise LimiterError("attaching the egress filter: boom")
         attach(ifname, prog_fd, name, pref, handle, hook)
 
+    def detach_fails(*args, **kwargs):
+        raise LimiterError("detaching: the kernel said no")
+
     monkeypatch.setattr(tc, "attach", egress_fails)
-    assert run(limit=6).failed
-    (_pin, more, attached) = host.continuations[-1]
-    assert len(host.continuations) == 2
-    assert attached == [tc.filters["eth0"][0]["prog_id"]] and more == attached[0] + 2
+    monkeypatch.setattr(tc, "detach", detach_fails)
+    outcome = run(limit=4)
+
+    assert outcome.failed
+    msg = outcome.result["msg"]
+    assert msg.startswith("attaching the egress filter: boom; ")
+    assert "NOT as before" in msg and "ingress filter: detaching: the kernel said no" in msg
+    assert host.pinned == {}  # what could be undone was

@@ -162,3 +162,25 @@ def test_every_filter_before_ours_is_a_warning():
     assert "eth0: a u32 filter at pref 1" in other
     assert "eth0: a bpf filter at pref 1 (protocol 0x0003)" in warning
     assert _plan.shadow_warnings("eth0", {"shadows": []}, 49152) == []
+
+
+@pytest.mark.parametrize(
+    "state, reason",
+    [
+        ("ok", None),
+        (None, None),
+        ("empty", _plan.CONTINUATION_GONE),
+        ("foreign", _plan.CONTINUATION_DIFFERS),
+    ],
+)
+def test_the_walk_more_slot_is_drift_and_a_repair(state, reason):
+    found = dict(seen(_plan.filter_name(DIGEST)), continuation=state)
+    assert _plan.drift(found) == reason
+    assert _plan.plan_interface(found, WANT) == (
+        (_plan.REPAIR, reason) if reason else (_plan.NONE, None)
+    )
+
+
+def test_maps_that_differ_come_before_the_walk_more_slot():
+    found = dict(seen(_plan.filter_name(DIGEST)), continuation="empty", maps_match=False)
+    assert _plan.drift(found) == _plan.MAPS_DIFFER

@@ -1,0 +1,238 @@
+"""A run that fails half-way leaves the host as it was before it, and a walk_more slot that
+is empty or holds another compile's program is drift that the next run repairs: through
+_deploy.apply on a real kernel, in a throwaway namespace (tests/root/test_apply.py's site).
+
+The failures are forced the way a host produces them: a foreign filter at the limiter's
+egress pref for one protocol (the kernel refuses our all-protocols filter there, "Protocol
+mismatch", after the ingress half is already attached). "As before" is what a user looks
+at: `tc filter show` on both hooks of every interface, the files under the pin directory,
+the program in each walk_more slot and what rabbit_tc_limit_info reports.
+"""
+
+import json
+import os
+import struct
+import subprocess
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
+    _compile,
+    _deploy,
+    _names,
+    _plan,
+    _render,
+)
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
+from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
+
+from .test_apply import IFACE, made_site, only, sh
+
+pytestmark = pytest.mark.bpf
+
+OTHER = "rgap-y0"
+
+
+@pytest.fixture(scope="module")
+def template():
+    return _render.read_template()
+
+
+@pytest.fixture
+def site():
+    with made_site() as s:
+        sh("ip", "-n", s.netns, "link", "add", OTHER, "type", "veth", "peer", "name", "rgap-y1")
+        yield s
+
+
+def tc_show(site, ifname, hook):
+    out = subprocess.run(
+        ["ip", "netns", "exec", site.netns, "tc", "-j", "filter", "show", "dev", ifname, hook],
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ).stdout
+    return json.loads(out or b"[]")
+
+
+def slot(site, ifname):
+    """The id of the program in ifname's walk_more slot (0: empty; None: not pinned)."""
+    pin = _names.pin_dir(site.pin_root, site.ns_key, ifname)
+    path = os.path.join(pin, _compile.CONTINUATION_ARRAY)
+    if not os.path.exists(path):
+        return None
+    with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+        raw = _bpfsys.map_lookup(fd, struct.pack("=I", 0))
+    return 0 if raw is None else struct.unpack("=I", raw)[0]
+
+
+def pin_files(site):
+    found = []
+    for top, _dirs, files in os.walk(site.pin_root):
+        found += [os.path.relpath(os.path.join(top, f), site.pin_root) for f in files]
+    return sorted(found)
+
+
+def host_state(site):
+    return {
+        "filters": {
+            (ifname, hook): tc_show(site, ifname, hook)
+            for ifname in (IFACE, OTHER)
+            for hook in ("ingress", "egress")
+        },
+        "pins": pin_files(site),
+        "walk_more": {ifname: slot(site, ifname) for ifname in (IFACE, OTHER)},
+        "info": site.info(),
+    }
+
+
+def block_egress(site, ifname):
+    """Another tool's IPv4-only classic BPF filter at the limiter's egress pref (another
+    handle): the kernel refuses our all-protocols filter at that pref."""
+    cmd = ["ip", "netns", "exec", site.netns, "tc"]
+    subprocess.run(cmd + ["qdisc", "replace", "dev", ifname, "clsact"], check=True)
+    subprocess.run(
+        cmd
+        + ["filter", "add", "dev", ifname, "egress", "pref", str(C.EGRESS_FILTER_PREF)]
+        + ["handle", "0x1", "protocol", "ip", "bpf", "bytecode", "1,6 0 0 0"],
+        check=True,
+    )
+
+
+def drop_our_egress(site, ifname):
+    sh(
+        *("ip", "netns", "exec", site.netns, "tc", "filter", "del", "dev", ifname, "egress"),
+        *("pref", str(C.EGRESS_FILTER_PREF)),
+    )
+
+
+def test_a_first_deploy_whose_egress_attach_fails_leaves_nothing_running(site, template):
+    block_egress(site, IFACE)
+    before = host_state(site)
+
+    with pytest.raises(LimiterError, match="egress"):
+        _deploy.apply(site.params(), template)
+
+    assert host_state(site) == before
+    assert tc_show(site, IFACE, "ingress") == []  # the new ingress program is gone again
+    assert not os.path.exists(site.pin)
+
+
+def test_a_replace_whose_egress_attach_fails_puts_the_old_half_pair_back(site, template):
+    _deploy.apply(site.params(limit=3), template)
+    drop_our_egress(site, IFACE)
+    block_egress(site, IFACE)
+    before = host_state(site)
+    assert before["walk_more"][IFACE]
+
+    with pytest.raises(LimiterError, match="egress"):
+        _deploy.apply(site.params(limit=5), template)
+
+    assert host_state(site) == before  # old ingress program, old continuation, old config
+
+
+def test_a_failure_on_the_second_interface_puts_the_first_one_back(site, template):
+    # Both run the pair for limit 3; the second cannot take a new egress program.
+    _deploy.apply(site.params(limit=3, interfaces=[IFACE, OTHER]), template)
+    drop_our_egress(site, OTHER)
+    block_egress(site, OTHER)
+    before = host_state(site)
+    entry = [e for e in before["info"] if e["interface"] == IFACE][0]
+    assert entry["attached"] and entry["config"]["limit"] == 3
+
+    # The first interface (sorted) is replaced in full before the second one fails.
+    with pytest.raises(LimiterError, match="egress"):
+        _deploy.apply(site.params(limit=5, interfaces=[IFACE, OTHER]), template)
+
+    assert host_state(site) == before  # the first pair, its walk_more slot and config too
+
+
+def test_a_failure_on_the_second_interface_undoes_a_first_deploy_on_the_first(site, template):
+    block_egress(site, OTHER)
+    before = host_state(site)
+
+    with pytest.raises(LimiterError, match="egress"):
+        _deploy.apply(site.params(interfaces=[IFACE, OTHER]), template)
+
+    assert host_state(site) == before
+    assert pin_files(site) == []
+
+
+def test_an_overrides_change_waits_for_the_builds_and_is_not_made_when_one_fails(site, template):
+    rule = [{"source": "198.18.0.0/16", "limit": 7}]
+    _deploy.apply(site.params(interfaces=[IFACE, OTHER]), template)
+    drop_our_egress(site, OTHER)
+    block_egress(site, OTHER)
+    before = host_state(site)
+
+    # IFACE needs its overrides rewritten only; OTHER's egress half must be repaired (and
+    # cannot be): the build goes first, fails, and IFACE's overrides stay as they were.
+    with pytest.raises(LimiterError, match="egress"):
+        _deploy.apply(site.params(interfaces=[IFACE, OTHER], overrides=rule), template)
+
+    assert host_state(site) == before
+
+
+def empty_slot(site):
+    path = os.path.join(site.pin, _compile.CONTINUATION_ARRAY)
+    with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
+        assert _bpfsys.map_delete(fd, struct.pack("=I", 0))
+
+
+def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template):
+    _deploy.apply(site.params(), template)
+    empty_slot(site)
+    (entry,) = site.info()
+    assert entry["drift"] == _plan.CONTINUATION_GONE and entry["attached"] is False
+
+    result = _deploy.apply(site.params(), template)
+
+    assert result.changed
+    assert (only(result).action, only(result).reason) == (_plan.REPAIR, _plan.CONTINUATION_GONE)
+    (entry,) = site.info()
+    assert entry["drift"] is None and slot(site, IFACE)
+    assert not _deploy.apply(site.params(), template).changed
+
+
+def test_another_compiles_program_in_walk_more_is_drift_and_repaired(site, template):
+    _deploy.apply(site.params(), template)
+    with _deploy._tc.open_netns(site.netns) as tc:
+        source, _desired = _deploy.desire(
+            tc, site.pin_root, site.ns_key, IFACE, site.params(), template
+        )
+    progs = _compile.compile_programs_isolated(source, site.pin)  # same source, another load
+    try:
+        _compile.fill_continuation(site.pin, progs.more)
+    finally:
+        for fd in progs:
+            _bpfsys.close(fd)
+    (entry,) = site.info()
+    assert entry["drift"] == _plan.CONTINUATION_DIFFERS
+
+    repaired = only(_deploy.apply(site.params(), template))
+
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.CONTINUATION_DIFFERS)
+    assert site.info()[0]["drift"] is None
+    assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
+
+
+def test_a_foreign_filter_the_run_had_to_delete_is_named_when_the_run_fails(site, template):
+    # Another tool's IPv4-only filter in the limiter's ingress slot: the deploy deletes it
+    # (no program to swap in place), then fails at the egress half and cannot bring it back.
+    block_egress(site, IFACE)
+    sh(
+        *("ip", "netns", "exec", site.netns, "tc", "filter", "add", "dev", IFACE, "ingress"),
+        *("pref", str(C.FILTER_PREF), "handle", hex(C.FILTER_HANDLE), "protocol", "ip"),
+        *("bpf", "bytecode", "1,6 0 0 0"),
+    )
+
+    with pytest.raises(LimiterError) as failed:
+        _deploy.apply(site.params(), template)
+
+    msg = str(failed.value)
+    assert "NOT as before" in msg and "the bpf ingress filter that was in the limiter's slot" in msg
+    # What is left is exactly what the message says: that filter is gone, nothing of ours is.
+    assert tc_show(site, IFACE, "ingress") == []
+    assert [f.get("protocol") for f in tc_show(site, IFACE, "egress") if "options" in f] == ["ip"]
+    assert pin_files(site) == []
