@@ -1,0 +1,413 @@
+"""Every frame of a real 64 KiB GRO packet is walked (issue 8, item 1): real kernel, real tc,
+real veth NAPI + GRO, the limiter deployed through _deploy.apply as the module does.
+
+BPF_PROG_TEST_RUN only builds linear skbs of about a page, so tests/bpf cannot show the paged
+path. Here a client namespace and a server namespace (198.18.250.0/24) share a veth pair;
+client TSO off and GRO on the server's end (DESIGN.md: veth then goes through NAPI and GRO and
+merges the client's MSS segments into packets of up to 64 KiB whose payload sits in page
+fragments). The limiter (limit 2, action refuse) runs on the server's veth; a plain socket
+there reads and keeps what arrives. The client sends, in ONE write, about 67 KB of small
+frames (basic.ack and heartbeats, about 6200 in all) with a basic.consume after 2200 frames,
+another after 4600 and an over-limit one after about 5900.
+
+What the user gets: both consumes deep inside the packet are counted (the info module shows 2
+consumers on channel 1), the third is refused (the server receives its queue name rewritten
+to amq.rabbitguard...; every other byte arrives as sent) and `missed` stays 0. A recorder
+program on the same hook, before ours, logs each packet's sequence number, skb->len and
+skb->data_len, so the test itself proves that a counted consume sat behind 2000+ frames in
+one paged GRO packet (and fails, after a few tries, if GRO did not merge).
+"""
+
+import contextlib
+import ctypes
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import pytest
+
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _deploy,
+    _names,
+    _render,
+    _runner,
+    _tc,
+)
+from tests.lib import amqp
+
+pytestmark = pytest.mark.bpf
+
+SUBNET, CLIENT, SERVER = "198.18.250.0/24", "198.18.250.1", "198.18.250.2"
+CLIENT_IF, SERVER_IF = "rggro-c0", "rggro-s0"
+PORT = C.DEFAULT_PORT
+LIMIT = 2
+ATTEMPTS = 5
+DEEP = 2000  # frames ahead of a counted consume in its own packet: 8 tail calls at least
+RECORDS = 16384
+RECORDER_PREF, RECORDER_HANDLE = 1, 0x7267  # before ours (C.FILTER_PREF); returns UNSPEC
+
+RECORDER = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+struct rec {
+    __u32 len;
+    __u32 data_len;
+    __u32 flags;  /* TCP flags, and the header length (Ethernet to TCP options) above */
+};
+BPF_HASH(recs, __u32, struct rec, %(records)d);  /* by sequence number */
+
+int record(struct __sk_buff *skb)
+{
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return TC_ACT_UNSPEC;
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.protocol != IPPROTO_TCP)
+        return TC_ACT_UNSPEC;
+    __u8 tcp[14];
+    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, tcp, sizeof(tcp)) < 0)
+        return TC_ACT_UNSPEC;
+    if (((tcp[2] << 8) | tcp[3]) != %(port)d)
+        return TC_ACT_UNSPEC;
+    __u32 seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
+    struct rec r = {};
+    r.len = skb->len;
+    long head = (long)skb->data_end - (long)skb->data;  /* the linear part */
+    asm volatile("" : "+r"(head));  /* subtract the pointers first (root may) */
+    r.data_len = skb->len - (__u32)head;  /* the rest sits in page fragments */
+    r.flags = tcp[13] | ((ETH_HLEN + ip.ihl * 4 + (tcp[12] >> 4) * 4) << 8);
+    recs.update(&seq, &r);
+    return TC_ACT_UNSPEC;
+}
+""" % {"records": RECORDS, "port": PORT}
+TCP_SYN = 0x02
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket
+
+
+def sh(*argv):
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+@contextmanager
+def entered(netns):
+    """This thread in network namespace netns (sockets made here stay there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    target = os.open("/run/netns/" + netns, os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert libc.setns(target, 0) == 0, os.strerror(ctypes.get_errno())
+        try:
+            yield
+        finally:
+            assert libc.setns(home, 0) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+class Pair:
+    """Two namespaces and a veth between them: client TSO off, server GRO on."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.client_ns, self.server_ns = "rggro-c-" + tag, "rggro-s-" + tag
+        self.pin_root = os.path.join(C.BPFFS_ROOT, "rggro-" + tag)
+        self.pin = _names.pin_dir(self.pin_root, _names.namespace_key(self.server_ns), SERVER_IF)
+
+    def up(self):
+        c, s = self.client_ns, self.server_ns
+        sh("ip", "netns", "add", c)
+        sh("ip", "netns", "add", s)
+        sh("ip", "-n", c, "link", "add", CLIENT_IF, "type", "veth", "peer", "name", SERVER_IF)
+        sh("ip", "-n", c, "link", "set", SERVER_IF, "netns", s)
+        for ns, dev, addr, window in (
+            (c, CLIENT_IF, CLIENT, "initcwnd"),
+            (s, SERVER_IF, SERVER, "initrwnd"),
+        ):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            # A first flight (client) and a first window (server) of 64 KiB and more.
+            sh("ip", "-n", ns, "route", "replace", SUBNET, "dev", dev, "src", addr, window, "100")
+        sh("ip", "netns", "exec", c, "ethtool", "-K", CLIENT_IF, "tso", "off")
+        sh("ip", "netns", "exec", s, "ethtool", "-K", SERVER_IF, "gro", "on")
+
+    def down(self):
+        for ns in (self.client_ns, self.server_ns):
+            subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.pin_root, ignore_errors=True)
+
+    def params(self, **overrides):
+        params = dict(
+            state="present",
+            interfaces=[SERVER_IF],
+            port=PORT,
+            limit=LIMIT,
+            action="refuse",
+            frame_max=C.DEFAULT_FRAME_MAX,
+            strict=C.DEFAULT_STRICT,
+            netns=self.server_ns,
+            pin_dir=self.pin_root,
+            kernel_headers=None,
+            lock_timeout=120,
+            seed_from_broker=False,
+        )
+        params.update(overrides)
+        return params
+
+    def info(self):
+        params = dict(
+            netns=self.server_ns,
+            interfaces=None,
+            pin_dir=self.pin_root,
+            connections=True,
+            min_consumers=0,
+        )
+        (entry,) = _runner.describe_all(params, [])
+        return entry
+
+
+class Sink:
+    """A plain TCP server in the server namespace: keeps every byte of each connection."""
+
+    def __init__(self, netns):
+        with entered(netns):
+            self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        self.listener.bind((SERVER, PORT))
+        self.listener.listen(8)
+        self.streams = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _addr = self.listener.accept()
+            except OSError:
+                return
+            stream = bytearray()
+            self.streams.append(stream)
+            with conn:
+                while True:
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    stream += chunk
+
+    def wait_for(self, index, size, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.streams) > index and len(self.streams[index]) >= size:
+                return bytes(self.streams[index])
+            time.sleep(0.01)
+        got = len(self.streams[index]) if len(self.streams) > index else None
+        raise AssertionError("the server got %r of %d bytes in %d s" % (got, size, timeout))
+
+    def close(self):
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+class Record:
+    def __init__(self, seq, value):
+        self.seq, self.len, self.data_len, self.flags = seq, value.len, value.data_len, value.flags
+
+
+class Recorder:
+    """Logs skb->len and skb->data_len of every TCP packet to the port, by sequence number;
+    attached before ours on the same hook, it returns TC_ACT_UNSPEC so ours runs next."""
+
+    def __init__(self):
+        from bcc import BPF  # only /usr/bin/python3's site sees BCC (DESIGN.md)
+
+        self.bpf = BPF(text=RECORDER.encode())
+        self.fd = self.bpf.load_func(b"record", BPF.SCHED_CLS).fd
+        self.netns = None
+
+    def attach(self, netns):
+        with _tc.open_netns(netns) as tc:
+            tc.attach(SERVER_IF, self.fd, "rggro_recorder", RECORDER_PREF, RECORDER_HANDLE)
+        self.netns = netns
+
+    def clear(self):
+        self.bpf[b"recs"].clear()
+
+    def records(self):
+        return [Record(k.value, v) for k, v in self.bpf[b"recs"].items()]
+
+    def close(self):
+        if self.netns is not None:
+            with contextlib.suppress(Exception), _tc.open_netns(self.netns) as tc:
+                tc.detach(SERVER_IF, RECORDER_PREF, RECORDER_HANDLE)
+        self.bpf.cleanup()
+
+
+@pytest.fixture
+def recorder():
+    r = Recorder()  # compiled first: a BCC failure leaves nothing behind
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    try:
+        p.up()
+        yield p
+    finally:
+        p.down()
+
+
+def ack(tag):
+    return amqp.method(1, amqp.BASIC_ACK, struct.pack(">QB", tag, 0))
+
+
+FIRST_QUEUE = "first-queue-behind-2200-small-frames"
+SECOND_QUEUE = "second-queue-behind-4600-small-frames"
+OVER_QUEUE = "third-queue-over-the-limit-of-two"
+
+
+def burst():
+    """About 67 KB of small frames in one write, three consumes deep inside. Returns the bytes,
+    the offset of every frame start, and the offset of each consume by queue name."""
+    parts = (
+        [ack(i + 1) for i in range(1000)]
+        + [amqp.heartbeat()] * 1200
+        + [amqp.consume(1, FIRST_QUEUE)]
+        + [amqp.heartbeat()] * 2400
+        + [amqp.consume(1, SECOND_QUEUE)]
+        + [amqp.heartbeat()] * 1300
+        + [amqp.consume(1, OVER_QUEUE)]
+        + [ack(1001 + i) for i in range(300)]
+    )
+    starts, offset = [], 0
+    for part in parts:
+        starts.append(offset)
+        offset += len(part)
+    data = b"".join(parts)
+    consumes = {q: data.index(amqp.consume(1, q)) for q in (FIRST_QUEUE, SECOND_QUEUE, OVER_QUEUE)}
+    return data, starts, consumes
+
+
+def packet_at(records, isn, offset):
+    """The recorded packet (its stream offset, payload bytes, data_len) holding the byte at
+    stream offset; None if none did."""
+    found = None
+    for r in records:
+        start = (r.seq - isn - 1) & 0xFFFFFFFF
+        payload = r.len - (r.flags >> 8)
+        if start <= offset < start + payload:
+            found = (start, payload, r.data_len)
+    return found
+
+
+def run_once(pair, sink, recorder, index):
+    """One connection: handshake, warm-up (cwnd and window grow), the burst. Returns what the
+    test asserts on."""
+    recorder.clear()
+    with entered(pair.client_ns):
+        client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
+    client.settimeout(10)
+    with client:
+        client.connect((SERVER, PORT))
+        head = amqp.PROTOCOL_HEADER + amqp.channel_open(1)
+        client.sendall(head)
+        sent = len(head)
+        warm = amqp.heartbeat() * 8192  # 64 KiB of heartbeats: the limiter walks them too
+        for _ in range(8):
+            client.sendall(warm)
+            sent += len(warm)
+            sink.wait_for(index, sent)
+        data, starts, consumes = burst()
+        base = sent
+        client.sendall(data)  # ONE write
+        sent += len(data)
+        received = sink.wait_for(index, sent)
+        time.sleep(0.05)
+        entry = pair.info()
+        (conn,) = [
+            c
+            for c in entry["connections"]
+            if c["client"] == CLIENT and c["client_port"] == client.getsockname()[1]
+        ]
+    return dict(
+        entry=entry,
+        conn=conn,
+        received=received[base:],
+        data=data,
+        starts=starts,
+        consumes=consumes,
+        base=base,
+        records=recorder.records(),
+    )
+
+
+def test_consumes_behind_thousands_of_frames_in_one_gro_packet_count_and_the_excess_is_refused(
+    recorder, pair
+):
+    created = _deploy.apply(pair.params(), _render.read_template())
+    assert [o.action for o in created.outcomes] == ["create"]
+    recorder.attach(pair.server_ns)
+    sink = Sink(pair.server_ns)
+    tries = []
+    try:
+        for index in range(ATTEMPTS):
+            before = pair.info()["counters"]
+            got = run_once(pair, sink, recorder, index)
+            counters = got["entry"]["counters"]
+
+            # What the user gets, whatever GRO did: two consumes counted, the third refused.
+            assert got["conn"]["consumers"] == LIMIT and got["conn"]["channels"] == {"1": LIMIT}
+            assert got["conn"]["refused"] == 1
+            assert counters["consumes_allowed"] - before["consumes_allowed"] == LIMIT
+            assert counters["consumes_refused"] - before["consumes_refused"] == 1
+            assert counters["missed"] == 0 and counters["unparsed"] == 0, counters
+            received, data = got["received"], got["data"]
+            name_at = got["consumes"][OVER_QUEUE] + 7 + 4 + 2 + 1  # header, ids, reserved, len
+            rewritten = received[name_at : name_at + len(OVER_QUEUE)]
+            assert rewritten.startswith(b"amq.rabbitguard"), rewritten
+            assert received[:name_at] == data[:name_at]  # the counted consumes untouched
+            assert received[name_at + len(OVER_QUEUE) :] == data[name_at + len(OVER_QUEUE) :]
+
+            # ...and the proof that it went through the paged path, deep inside one packet.
+            records = got["records"]
+            (isn,) = {r.seq for r in records if r.flags & TCP_SYN}  # this connection's SYN
+            seen = []
+            for queue in (FIRST_QUEUE, SECOND_QUEUE):
+                offset = got["base"] + got["consumes"][queue]
+                start, payload, data_len = packet_at(records, isn, offset) or (offset, 0, 0)
+                ahead = sum(1 for s in got["starts"] if start <= got["base"] + s < offset)
+                seen.append((queue, start, payload, data_len, ahead))
+            tries.append(seen)
+            if any(data_len > 0 and ahead >= DEEP for _q, _s, _p, data_len, ahead in seen):
+                break
+        else:
+            pytest.fail(
+                "GRO never put a consume behind %d frames of one paged packet in %d tries "
+                "(per try: queue, packet offset, payload bytes, data_len, frames ahead): %r"
+                % (DEEP, ATTEMPTS, tries)
+            )
+        largest = max(r.len for r in got["records"])
+        assert largest > 60000, "no 64 KiB GRO packet (largest %d bytes)" % largest
+    finally:
+        sink.close()
+    print("\nGRO packets holding the consumes, per try:", tries, "largest", largest)
+    print("counters:", pair.info()["counters"])
