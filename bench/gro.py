@@ -38,6 +38,7 @@ from bcc import BPF  # noqa: E402
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (  # noqa: E402
     _bpfsys,
+    _constants,
     _tc,
 )
 from tests.lib import amqp  # noqa: E402
@@ -45,7 +46,7 @@ from tests.lib.dataplane import Dataplane  # noqa: E402
 
 NETNS, HOST_LINK = "rgbench-gro", "rgbgro0"
 CLIENT, BROKER = "198.18.252.1", "198.18.252.2"
-PREF, HANDLE = 49152, 0x5247
+PREF, HANDLE = _constants.FILTER_PREF, _constants.FILTER_HANDLE
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 SINK = (
