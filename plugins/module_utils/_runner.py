@@ -108,8 +108,10 @@ def _limit_result(module: Any, result: _deploy.ApplyResult) -> dict[str, Any]:
     out = result.as_module_result()
     if module._diff:
         out["diff"] = result.diff()
-    if result.warnings:
-        out["warnings"] = list(result.warnings)
+    # module.warn, not a "warnings" key: ansible-core 2.19 deprecates passing that key to
+    # exit_json/fail_json (removed in 2.23); the task result shows them the same way.
+    for warning in result.warnings:
+        module.warn(warning)
     return out
 
 

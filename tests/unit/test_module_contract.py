@@ -229,12 +229,20 @@ class FakeModule:
         )
         self.params.update(params)
         self.check_mode, self._diff = check_mode, diff
+        self._warnings = []
+
+    # As AnsibleModule does: what module.warn collected is the result's "warnings".
+    def warn(self, warning):
+        self._warnings.append(warning)
+
+    def _with_warnings(self, result):
+        return dict(result, warnings=list(self._warnings)) if self._warnings else result
 
     def exit_json(self, **result):
-        raise Exit(False, result)
+        raise Exit(False, self._with_warnings(result))
 
     def fail_json(self, **result):
-        raise Exit(True, result)
+        raise Exit(True, self._with_warnings(result))
 
 
 @pytest.fixture
