@@ -13,7 +13,7 @@ import venv
 
 import pytest
 
-from tests.root.local import ansible, make_namespace, remove_namespace
+from .local import ansible, make_namespace, remove_namespace
 
 pytestmark = pytest.mark.bpf
 

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from tests.root.local import ansible, make_namespace, processes_in, remove_namespace
+from .local import ansible, make_namespace, processes_in, remove_namespace
 
 pytestmark = pytest.mark.bpf
 
