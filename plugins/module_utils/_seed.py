@@ -15,18 +15,26 @@ connection's stream at its first well-formed frame and keeps the seeded counts.
 No rabbitmqctl, or a broker that does not answer: a warning naming the cause, counting
 starts at zero. Entries the data plane already has (a replace keeps its pins) are kept:
 they are exact, the broker's answer is a moment old.
+
+rabbitmqctl is an Erlang node of its own: where no epmd runs (a namespace without a broker,
+a host whose broker is down) RabbitMQ's CLI starts an ``epmd -daemon``, which would outlive
+the run (and hold a deleted namespace, with its interfaces). ERL_FLAGS (CLI_ERL_FLAGS) keeps
+it from doing so: the CLI node does not listen, so it needs no epmd of its own, and asks the
+broker's epmd where the broker is; where there is none, the broker did not answer.
 """
 
 from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import ctypes
 import ipaddress
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from typing import Any, Callable
@@ -43,10 +51,21 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9_.\-]+@[A-Za-z0-9_.\-]+$")
 RABBITMQCTL_TIMEOUT = 30
 CONNECTION_COLUMNS = ("pid", "peer_host", "peer_port", "host", "port")
 CHANNEL_COLUMNS = ("connection", "number", "consumer_count")
+# Erlang flags for rabbitmqctl's VM and for the `erl` it runs to start epmd when it finds
+# none (both read ERL_FLAGS): start no epmd; do not listen for other nodes (then the CLI node
+# registers with no epmd, and reaches the broker through the broker's own).
+CLI_ERL_FLAGS = "-start_epmd false -dist_listen false"
+# The first line of rabbitmqctl's error: "Error: unable to perform an operation on node
+# 'rabbit@vm'. Please see diagnostics information and suggestions below."
+_FAILED_NODE_RE = re.compile(r"unable to perform an operation on node '([^']+)'")
 
 
 class SeedError(LimiterError):
     """The broker could not be asked; the caller turns this into a warning."""
+
+
+class NoAnswer(SeedError):
+    """rabbitmqctl ran, and no broker answered it."""
 
 
 def validate_node(node: str | None) -> str | None:
@@ -124,33 +143,92 @@ def parse(connections_json: str, channels_json: str) -> list[dict[str, Any]]:
 Runner = Callable[[list[str]], str]
 
 
+def cli_failure(output: str) -> str:
+    """rabbitmqctl's error output on one line: the node it tried and what its diagnostics
+    found there ("rabbit@vm: unable to connect to epmd (port 4369) on vm: ..."), else its
+    first line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        return "no output"
+    node = _FAILED_NODE_RE.search(lines[0])
+    if node and "DIAGNOSTICS" in lines:
+        found = []
+        for line in lines[lines.index("DIAGNOSTICS") + 1 :]:
+            if line.startswith("Current node details"):
+                break
+            if line.startswith("* ") and not line.startswith("* suggestion"):
+                found.append(line[2:])
+        if found:
+            return "%s: %s" % (node.group(1), "; ".join(found))
+    return lines[0]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid``, from /proc (su, the Erlang VM and its helpers: each of
+    them in a session of its own, out of reach of a signal to ours)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone meanwhile
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Kill a rabbitmqctl that did not answer, and everything it started."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
 def _run(argv: list[str]) -> str:
-    if shutil.which(argv[0]) is None:
-        raise SeedError("%s is not installed on this host" % argv[0])
-    try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=RABBITMQCTL_TIMEOUT,
-            check=False,
-            env=dict(os.environ, LC_ALL="C.UTF-8"),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SeedError("%s did not answer in %d s" % (" ".join(argv), exc.timeout)) from exc
+    for tool in {argv[0], "rabbitmqctl"}:  # ip and nsenter enter the namespace first
+        if shutil.which(tool) is None:
+            raise SeedError("%s is not installed on this host" % tool)
+    erl_flags = (os.environ.get("ERL_FLAGS", "") + " " + CLI_ERL_FLAGS).strip()
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, LC_ALL="C.UTF-8", ERL_FLAGS=erl_flags),
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=RABBITMQCTL_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            _stop(proc)
+            who = "rabbitmqctl"
+            if "-n" in argv:  # the node it asked (rabbitmqctl_argv's only -n)
+                who += " -n " + argv[argv.index("-n") + 1]
+            raise NoAnswer("%s did not answer in %d s" % (who, exc.timeout)) from exc
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SeedError(
-            "%s failed (exit %d): %s"
-            % (" ".join(argv), proc.returncode, detail[0] if detail else "no output")
+        raise NoAnswer(
+            "%s (rabbitmqctl exit %d)" % (cli_failure(stderr or stdout), proc.returncode)
         )
-    return proc.stdout
+    return stdout
 
 
 def read_broker(node: str | None, netns: str | None, run: Runner = _run) -> list[dict[str, Any]]:
     """Ask the broker (see parse); raises SeedError when it cannot."""
-    conns = run(rabbitmqctl_argv(node, netns, ["list_connections", *CONNECTION_COLUMNS]))
-    chans = run(rabbitmqctl_argv(node, netns, ["list_channels", *CHANNEL_COLUMNS]))
+    try:
+        conns = run(rabbitmqctl_argv(node, netns, ["list_connections", *CONNECTION_COLUMNS]))
+        chans = run(rabbitmqctl_argv(node, netns, ["list_channels", *CHANNEL_COLUMNS]))
+    except NoAnswer as exc:
+        where = "in namespace %s" % netns if netns else "on this host"
+        raise SeedError("no broker answered %s: %s" % (where, exc)) from exc
     return parse(conns, chans)
 
 

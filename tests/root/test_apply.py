@@ -8,12 +8,10 @@ directories that only root may hold, the attached program's maps checked against
 filters that run before ours reported, and an explicit kernel_headers naming the default.
 """
 
-import json
 import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from contextlib import contextmanager
 
 import pytest
@@ -26,98 +24,16 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _pins,
     _plan,
     _render,
-    _runner,
     _tc,
 )
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
+from .sites import IFACE, only, sh
+
 pytestmark = pytest.mark.bpf
 
-IFACE = "rgap-x0"
 NOBODY = 65534
-
-
-class Site:
-    def __init__(self, netns, pin_root):
-        self.netns, self.pin_root = netns, pin_root
-        self.ns_key = _names.namespace_key(netns)
-        self.pin = _names.pin_dir(pin_root, self.ns_key, IFACE)
-
-    def params(self, **overrides):
-        params = dict(
-            state="present",
-            interfaces=[IFACE],
-            port=C.DEFAULT_PORT,
-            limit=3,
-            action="drop",
-            frame_max=C.DEFAULT_FRAME_MAX,
-            strict=C.DEFAULT_STRICT,
-            netns=self.netns,
-            pin_dir=self.pin_root,
-            kernel_headers=None,
-            lock_timeout=120,
-            seed_from_broker=False,  # no broker here (tests/integration/test_seed.py)
-        )
-        params.update(overrides)
-        return params
-
-    def info(self):
-        params = dict(
-            netns=self.netns,
-            interfaces=None,
-            pin_dir=self.pin_root,
-            connections=False,
-            min_consumers=0,
-        )
-        return _runner.describe_all(params, [])
-
-    def filters(self):
-        """The ingress filters as iproute2 shows them (none without a clsact qdisc)."""
-        out = subprocess.run(
-            ["ip", "netns", "exec", self.netns, "tc", "-j", "filter", "show", "dev", IFACE]
-            + ["ingress"],
-            check=False,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        ).stdout
-        return [f for f in json.loads(out or b"[]") if "options" in f]
-
-    def ours(self):
-        return [f for f in self.filters() if f.get("pref") == C.FILTER_PREF]
-
-
-def sh(*argv):
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-
-
-@contextmanager
-def made_site():
-    tag = uuid.uuid4().hex[:6]
-    netns, pin_root = "rgap-" + tag, os.path.join(C.BPFFS_ROOT, "rgap-" + tag)
-    try:
-        sh("ip", "netns", "add", netns)
-        sh("ip", "-n", netns, "link", "add", IFACE, "type", "veth", "peer", "name", "rgap-x1")
-        yield Site(netns, pin_root)
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False, stderr=subprocess.DEVNULL)
-        shutil.rmtree(pin_root, ignore_errors=True)
-
-
-@pytest.fixture
-def site():
-    with made_site() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def template():
-    return _render.read_template()
-
-
-def only(result):
-    (outcome,) = result.outcomes
-    return outcome
 
 
 def test_info_reports_a_filter_whose_pins_are_gone(site, template):

@@ -5,7 +5,6 @@ Both filters are there after a deploy, under one name; a replace swaps both; abs
 both; a missing, foreign or stale egress filter is repaired; info reports both programs.
 """
 
-import json
 import subprocess
 
 import pytest
@@ -14,39 +13,21 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import _consta
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _deploy,
     _plan,
-    _render,
     _tc,
 )
 
-from .test_apply import IFACE, made_site, only
+from .sites import IFACE, only, tc_filters
 
 pytestmark = pytest.mark.bpf
 
 
 def hook_filters(site, hook):
     """Our filters on one clsact hook, as iproute2 shows them."""
-    out = subprocess.run(
-        ["ip", "netns", "exec", site.netns, "tc", "-j", "filter", "show", "dev", IFACE, hook],
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    ).stdout
-    return [f for f in json.loads(out or b"[]") if "options" in f]
+    return [f for f in tc_filters(site.netns, IFACE, hook) if "options" in f]
 
 
 def names(site, hook):
     return [f["options"].get("bpf_name") for f in hook_filters(site, hook)]
-
-
-@pytest.fixture(scope="module")
-def template():
-    return _render.read_template()
-
-
-@pytest.fixture
-def site():
-    with made_site() as s:
-        yield s
 
 
 def test_deploy_attaches_both_and_absent_removes_both(site, template):

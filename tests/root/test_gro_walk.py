@@ -37,10 +37,11 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _deploy,
     _names,
     _render,
-    _runner,
     _tc,
 )
 from tests.lib import amqp
+
+from .sites import describe, module_params, sh
 
 pytestmark = pytest.mark.bpf
 
@@ -95,10 +96,6 @@ TCP_SYN = 0x02
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket
 
 
-def sh(*argv):
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-
-
 @contextmanager
 def entered(netns):
     """This thread in network namespace netns (sockets made here stay there)."""
@@ -149,32 +146,12 @@ class Pair:
         shutil.rmtree(self.pin_root, ignore_errors=True)
 
     def params(self, **overrides):
-        params = dict(
-            state="present",
-            interfaces=[SERVER_IF],
-            port=PORT,
-            limit=LIMIT,
-            action="refuse",
-            frame_max=C.DEFAULT_FRAME_MAX,
-            strict=C.DEFAULT_STRICT,
-            netns=self.server_ns,
-            pin_dir=self.pin_root,
-            kernel_headers=None,
-            lock_timeout=120,
-            seed_from_broker=False,
-        )
-        params.update(overrides)
-        return params
+        mine = dict(port=PORT, limit=LIMIT, action="refuse")
+        mine.update(overrides)
+        return module_params(self.server_ns, self.pin_root, SERVER_IF, **mine)
 
     def info(self):
-        params = dict(
-            netns=self.server_ns,
-            interfaces=None,
-            pin_dir=self.pin_root,
-            connections=True,
-            min_consumers=0,
-        )
-        (entry,) = _runner.describe_all(params, [])
+        (entry,) = describe(self.server_ns, self.pin_root, connections=True)
         return entry
 
 

@@ -5,53 +5,21 @@ Each case runs against a throwaway namespace (rgpre, 198.18.253.0/24) with its o
 root, so it never meets a lab or another test.
 """
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import venv
 
 import pytest
 
+from .local import ansible, make_namespace, remove_namespace
+
 pytestmark = pytest.mark.bpf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV_BIN = os.path.dirname(sys.executable)
 NETNS = "rgpre"
+HOST_END = "rgpre0"
 PIN_DIR = "/sys/fs/bpf/rgpre"
-
-
-def ansible(args, interpreter=None, prefix=(), env_extra=None):
-    """Run the module ad hoc; returns (rc, the host's result as a dict)."""
-    env = dict(
-        os.environ,
-        PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
-        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.minimal",
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
-    )
-    env.update(env_extra or {})
-    argv = list(prefix) + [
-        os.path.join(VENV_BIN, "ansible"),
-        "localhost",
-        "-c",
-        "local",
-        "-m",
-        "rabbitguard.limiter.rabbit_tc_limit",
-        "-a",
-        args,
-    ]
-    if interpreter:
-        argv += ["-e", "ansible_python_interpreter=%s" % interpreter]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, check=False, timeout=300)
-    text = proc.stdout.decode()
-    start = text.find("=> {")
-    assert start >= 0, text + proc.stderr.decode()
-    return proc.returncode, json.loads(text[start + 3 : text.rfind("}") + 1])
 
 
 def limiter_args(extra=""):
@@ -69,22 +37,13 @@ def filters():
 
 @pytest.fixture(scope="module")
 def host():
-    # A run killed half-way can leave both behind; a namespace still held by a process lives
-    # on after `ip netns del`, and so does the veth pair in it.
-    subprocess.run(["ip", "link", "del", "rgpre0"], stderr=subprocess.DEVNULL, check=False)
-    subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL, check=False)
-    # A run killed before its teardown can leave the host end behind, its peer in a
-    # namespace a process still held when it was deleted.
-    subprocess.run(["ip", "link", "del", "rgpre0"], stderr=subprocess.DEVNULL, check=False)
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    subprocess.run(
-        ["ip", "link", "add", "rgpre0", "type", "veth", "peer", "name", "eth0", "netns", NETNS],
-        check=True,
-    )
-    subprocess.run(["ip", "-n", NETNS, "link", "set", "eth0", "up"], check=True)
+    make_namespace(NETNS, HOST_END)
     yield
-    subprocess.run(["ip", "netns", "del", NETNS], check=False)
     shutil.rmtree(PIN_DIR, ignore_errors=True)
+    # Nothing these runs start may live on in the namespace (seeding's rabbitmqctl once left
+    # an epmd there, which held the deleted namespace and its veth pair for ever).
+    left = remove_namespace(NETNS, HOST_END)
+    assert not left, "left running in %s: %r" % (NETNS, left)
 
 
 @pytest.fixture

@@ -22,24 +22,12 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _names,
     _pins,
     _plan,
-    _render,
 )
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
-from .test_apply import IFACE, made_site, only
+from .sites import IFACE, only
 
 pytestmark = pytest.mark.bpf
-
-
-@pytest.fixture(scope="module")
-def template():
-    return _render.read_template()
-
-
-@pytest.fixture
-def site():
-    with made_site() as s:
-        yield s
 
 
 def continuation_id(site):

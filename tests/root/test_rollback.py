@@ -9,7 +9,6 @@ at: `tc filter show` on both hooks of every interface, the files under the pin d
 the program in each walk_more slot and what rabbit_tc_limit_info reports.
 """
 
-import json
 import os
 import struct
 import subprocess
@@ -22,38 +21,26 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _deploy,
     _names,
     _plan,
-    _render,
 )
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
-from .test_apply import IFACE, made_site, only, sh
+from .sites import IFACE, only, sh, tc_filters
 
 pytestmark = pytest.mark.bpf
 
 OTHER = "rgap-y0"
 
 
-@pytest.fixture(scope="module")
-def template():
-    return _render.read_template()
-
-
 @pytest.fixture
-def site():
-    with made_site() as s:
-        sh("ip", "-n", s.netns, "link", "add", OTHER, "type", "veth", "peer", "name", "rgap-y1")
-        yield s
+def site(site):
+    """conftest's site, with a second interface."""
+    sh("ip", "-n", site.netns, "link", "add", OTHER, "type", "veth", "peer", "name", "rgap-y1")
+    return site
 
 
 def tc_show(site, ifname, hook):
-    out = subprocess.run(
-        ["ip", "netns", "exec", site.netns, "tc", "-j", "filter", "show", "dev", ifname, hook],
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    ).stdout
-    return json.loads(out or b"[]")
+    return tc_filters(site.netns, ifname, hook)
 
 
 def slot(site, ifname):

@@ -146,3 +146,78 @@ def test_seeded_channels_take_the_classifiers_slots_and_overflow_to_the_map():
     assert _layout.slot_channels(state) == {1: 2, 2: 1}
     assert overflow == {9: 3}
     assert state.flags == 0x40 | 0x10
+
+
+# rabbitmqctl 3.10's error output where epmd runs and no node does, and where no epmd runs
+# (with CLI_ERL_FLAGS), as it printed them (the CLI's suggestions left out).
+NODE_DOWN = """Error: unable to perform an operation on node 'rabbit@vm'. Please see diagnostics \
+information and suggestions below.
+
+Most common reasons for this are:
+
+ * Target node is unreachable (e.g. due to hostname resolution, TCP connection or firewall issues)
+
+DIAGNOSTICS
+===========
+
+attempted to contact: [rabbit@vm]
+
+rabbit@vm:
+  * connected to epmd (port 4369) on vm
+  * epmd reports: node 'rabbit' not running at all
+                  no other nodes on vm
+  * suggestion: start the node
+
+Current node details:
+ * node name: 'rabbitmqcli-659-rabbit@vm'
+"""
+NO_EPMD = """Error: unable to perform an operation on node 'rabbit@vm'. Please see diagnostics \
+information and suggestions below.
+
+DIAGNOSTICS
+===========
+
+attempted to contact: [rabbit@vm]
+
+rabbit@vm:
+  * unable to connect to epmd (port 4369) on vm: address (cannot connect to host/port)
+
+
+Current node details:
+ * node name: 'rabbitmqcli-997-rabbit@vm'
+"""
+
+
+@pytest.mark.parametrize(
+    "output, line",
+    [
+        (
+            NODE_DOWN,
+            "rabbit@vm: connected to epmd (port 4369) on vm; "
+            "epmd reports: node 'rabbit' not running at all",
+        ),
+        (
+            NO_EPMD,
+            "rabbit@vm: unable to connect to epmd (port 4369) on vm: "
+            "address (cannot connect to host/port)",
+        ),
+        ("Error: something else\nand more\n", "Error: something else"),
+        ("", "no output"),
+    ],
+)
+def test_a_cli_failure_is_one_line_naming_the_node_and_what_was_found(output, line):
+    assert _seed.cli_failure(output) == line
+
+
+def test_no_answer_names_the_namespace(tmp_path):
+    def down(argv):
+        raise _seed.NoAnswer(_seed.cli_failure(NO_EPMD) + " (rabbitmqctl exit 69)")
+
+    _, (warning,) = _seed.seed([str(tmp_path)], 5672, None, "rg1", run=down)
+    assert warning == (
+        "consumer counts not seeded from the broker, counting starts at zero: "
+        "no broker answered in namespace rg1: rabbit@vm: unable to connect to epmd (port 4369) "
+        "on vm: address (cannot connect to host/port) (rabbitmqctl exit 69)"
+    )
+    _, (warning,) = _seed.seed([str(tmp_path)], 5672, None, None, run=down)
+    assert "no broker answered on this host: rabbit@vm: " in warning
