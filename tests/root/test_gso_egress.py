@@ -270,6 +270,10 @@ def test_a_cancel_behind_thousands_of_deliveries_in_one_gso_packet_frees_the_slo
             ahead = got["frames_before"](start)
             tries.append((start, payload, data_len, ahead))
             if data_len > 0 and ahead >= DEEP:
+                print(
+                    "the cancel's packet: %d payload octets (%d paged), %d frames ahead"
+                    % (payload, data_len, ahead)
+                )
                 return
     finally:
         listener.close()
