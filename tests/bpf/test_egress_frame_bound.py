@@ -19,10 +19,9 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _compile,
     _constants,
 )
+from tests.bpf.test_egress import opened
 from tests.lib import amqp
 from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Dataplane
-
-from tests.bpf.test_egress import opened
 
 pytestmark = pytest.mark.bpf
 PROGRAMS = 34  # the first run and 33 tail calls
