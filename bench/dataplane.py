@@ -232,26 +232,47 @@ def main():
                     % (name, noop, naive, mine, mine / noop, mine / naive)
                 )
 
-        helper_dp = Dataplane(limit=LIMIT, action="drop", force_skb_load_bytes=True)
+        helper_dps = [Dataplane(limit=LIMIT, action="drop", force_skb_load_bytes=True)]
+        # With --before, the older template's egress program too, when it has one.
+        old_egress = older is not None and older.dp.egress is not None
+        if old_egress:
+            helper_dps.append(
+                Dataplane(
+                    limit=LIMIT, action="drop", force_skb_load_bytes=True, template_path=args.before
+                )
+            )
         try:
-            egress = {False: EgressLimiter(ours.dp), True: EgressLimiter(helper_dp)}
+            egress = {
+                False: [EgressLimiter(ours.dp)] + ([EgressLimiter(older.dp)] if old_egress else []),
+                True: [EgressLimiter(dp) for dp in helper_dps],
+            }
             egress_rows = []
             for name, packet, header_at, helper in egress_cases():
-                limiter = egress[helper]
-                fds = [base.fds["noop"], limiter.fd()]
-                egress_rows.append(
-                    [name]
-                    + single_runs(
-                        fds, packet, args.samples, lambda h=header_at, x=limiter: x.prepare(h)
-                    )
-                )
+                runs = egress[helper]
+
+                def restore(h=header_at, runs=runs):
+                    for x in runs:
+                        x.prepare(h)
+
+                fds = [base.fds["noop"]] + [x.fd() for x in runs]
+                egress_rows.append([name] + single_runs(fds, packet, args.samples, restore))
         finally:
-            helper_dp.close()
+            for dp in helper_dps:
+                dp.close()
         print("\nEgress program (broker to client), median ns per packet, same method\n")
-        print("| case | no-op (floor) | rabbitguard egress | vs floor |")
-        print("|---|---:|---:|---:|")
-        for name, noop, mine in egress_rows:
-            print("| %s | %d | %d | %.2fx |" % (name, noop, mine, mine / noop))
+        if old_egress:
+            print("| case | no-op (floor) | before | rabbitguard egress | vs floor | vs before |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for name, noop, mine, was in egress_rows:
+                print(
+                    "| %s | %d | %d | %d | %.2fx | %.2fx |"
+                    % (name, noop, was, mine, mine / noop, mine / was)
+                )
+        else:
+            print("| case | no-op (floor) | rabbitguard egress | vs floor |")
+            print("|---|---:|---:|---:|")
+            for name, noop, mine in egress_rows:
+                print("| %s | %d | %d | %.2fx |" % (name, noop, mine, mine / noop))
 
         print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
         print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")

@@ -14,6 +14,7 @@ __metaclass__ = type
 import os
 from typing import Any, NamedTuple
 
+from . import _constants
 from ._errors import LimiterError
 
 ENTRY_FUNCTION = "rabbit_limiter"
@@ -22,6 +23,10 @@ EGRESS_FUNCTION = "rabbit_limiter_egress"
 # Walks the frames of a segment beyond MAX_FRAMES, tail-called through the walk_more array.
 CONTINUATION_FUNCTION = "rabbit_limiter_more"
 CONTINUATION_ARRAY = "walk_more"
+# walk_more's slots: the ingress walk's continuation program, and the egress program, which
+# goes on with a long broker segment in itself (the template's EGRESS_MORE_SLOT).
+INGRESS_MORE_SLOT = 0
+EGRESS_MORE_SLOT = _constants.EGRESS_MORE_SLOT
 _CFLAGS: list[str] = []
 
 
@@ -81,17 +86,27 @@ def _fill_continuation(bpf: Any) -> None:
     import ctypes
 
     more = load_continuation(bpf)
-    bpf[CONTINUATION_ARRAY.encode()][ctypes.c_int(0)] = ctypes.c_int(more.fd)
+    array = bpf[CONTINUATION_ARRAY.encode()]
+    array[ctypes.c_int(INGRESS_MORE_SLOT)] = ctypes.c_int(more.fd)
+    if array.max_entries > EGRESS_MORE_SLOT:  # an older template's array has one slot
+        array[ctypes.c_int(EGRESS_MORE_SLOT)] = ctypes.c_int(load_egress(bpf).fd)
 
 
-def fill_continuation(pin_dir: str, more_fd: int) -> None:
-    """Put the continuation program more_fd in the walk_more array pinned in pin_dir."""
+def fill_continuation(pin_dir: str, more_fd: int, slot: int = 0) -> None:
+    """Put a program in a slot of the walk_more array pinned in pin_dir: the continuation
+    program in INGRESS_MORE_SLOT, the egress program in EGRESS_MORE_SLOT."""
     import struct
 
     from . import _bpfsys
 
     with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin_dir, CONTINUATION_ARRAY))) as array:
-        _bpfsys.map_update(array, struct.pack("=I", 0), struct.pack("=I", more_fd))
+        _bpfsys.map_update(array, struct.pack("=I", slot), struct.pack("=I", more_fd))
+
+
+def fill_egress_slot(pin_dir: str, egress_fd: int) -> None:
+    """Put the egress program egress_fd in the walk_more array's EGRESS_MORE_SLOT, where it
+    tail-calls itself to walk a broker segment beyond EGRESS_MAX_FRAMES frames."""
+    fill_continuation(pin_dir, egress_fd, EGRESS_MORE_SLOT)
 
 
 class Programs(NamedTuple):

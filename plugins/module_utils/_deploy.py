@@ -16,6 +16,7 @@ from __future__ import absolute_import, annotations, division, print_function
 __metaclass__ = type
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, cast
@@ -166,6 +167,7 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
         "shadows": [f for f in filters if f["pref"] < _constants.FILTER_PREF],
         "maps_match": None,
         "continuation": None,
+        "egress_continuation": None,
     }
     prog_id = found[0].get("prog_id") if found and _plan.is_ours(found[0]) else None
     if pins and prog_id:
@@ -174,6 +176,8 @@ def observe_one(tc: _tc.Tc | None, pin_root: str, ns_key: str, ifname: str) -> O
         egress_id = egress.get("prog_id") if egress and _plan.is_ours(egress) else None
         if observation["maps_match"] and egress_id:
             observation["maps_match"] = _pins.program_uses_pins(pin, egress_id)
+        if egress_id:
+            observation["egress_continuation"] = _egress_slot_state(pin, egress_id)
     return observation
 
 
@@ -189,6 +193,20 @@ def _continuation_state(pin: str, prog_id: int) -> str | None:
         return "ok" if _pins.is_continuation_of(prog_id, more_id) else "foreign"
     except LimiterError:
         return "foreign"  # a program that went away while we looked
+
+
+def _egress_slot_state(pin: str, egress_id: int) -> str | None:
+    """ "ok", "empty" or "foreign": walk_more's egress slot against the attached egress
+    program, which must be the program in it (None: no walk_more array pinned)."""
+    try:
+        slot_id = _pins.egress_slot_id(pin)
+    except LimiterError:
+        return "foreign"  # an array of an older layout, without the slot
+    if slot_id is None:
+        return None
+    if not slot_id:
+        return "empty"
+    return "ok" if slot_id == egress_id else "foreign"
 
 
 def desire(
@@ -250,11 +268,14 @@ class Undo:
         self.ingress = self._hold_filter(observed.get("filter"))
         self.egress = self._hold_filter(observed.get("egress_filter"))
         self.more: int | None = None
-        more_id = (
-            _pins.continuation_id(pin) if _pins.CONTINUATION_ARRAY not in self.new_pins else None
-        )
-        if more_id:
-            self.more = self._hold(more_id)
+        self.egress_more: int | None = None
+        if _pins.CONTINUATION_ARRAY not in self.new_pins:
+            more_id = _pins.continuation_id(pin)
+            if more_id:
+                self.more = self._hold(more_id)
+            egress_more_id = _pins.egress_slot_id(pin)
+            if egress_more_id:
+                self.egress_more = self._hold(egress_more_id)
         # Filters _clear_foreign deleted: no program to put back (reported on failure).
         self.lost: list[str] = []
 
@@ -309,6 +330,11 @@ class Undo:
                 step("config", self._write_old_config)
         if self.tc.interface_exists(self.ifname):
             step("egress filter", self._slot, self.egress, "egress")
+        if _pins.CONTINUATION_ARRAY not in self.new_pins:
+            if self.egress_more is not None:
+                step("walk_more egress slot", _compile.fill_egress_slot, self.pin, self.egress_more)
+            else:
+                step("walk_more egress slot", self._empty_continuation, _compile.EGRESS_MORE_SLOT)
             if self.created_clsact:
                 step("clsact qdisc", self.tc.remove_clsact_if_empty, self.ifname)
         if len(self.new_pins) == len(_layout.MAP_NAMES):
@@ -318,11 +344,11 @@ class Undo:
         failed += ["the %s filter that was in the limiter's slot" % f for f in self.lost]
         return failed
 
-    def _empty_continuation(self) -> None:
+    def _empty_continuation(self, slot: int = 0) -> None:
         path = os.path.join(self.pin, _pins.CONTINUATION_ARRAY)
         if os.path.exists(path):
             with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
-                _bpfsys.map_delete(fd, b"\x00" * 4)
+                _bpfsys.map_delete(fd, slot.to_bytes(4, sys.byteorder))
 
     def _write_old_config(self) -> None:
         config = cast(Dict[str, Any], self.config)
@@ -393,6 +419,9 @@ def deploy(
             _constants.EGRESS_FILTER_HANDLE,
             "egress",
         )
+        # Likewise the egress program's own slot, where it goes on with a long segment: the
+        # old one, still attached until now, went on in itself.
+        _compile.fill_egress_slot(pin, progs.egress)
         previously = (observed.get("config") or {}).get("created_clsact", False)
         _pins.write_config(pin, config, digest, undo.created_clsact or previously)
         return _program_id(progs.ingress)

@@ -17,7 +17,7 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 MAP_NAMES = (
     "conns",
     "channels",

@@ -324,15 +324,21 @@ def missing(pin: str) -> list[str]:
     return [name for name in _layout.MAP_NAMES if not os.path.exists(os.path.join(pin, name))]
 
 
-def continuation_id(pin: str) -> int | None:
-    """The id of the program in the walk_more array's slot (0: the slot is empty; None: the
-    array is not pinned)."""
+def continuation_id(pin: str, slot: int = 0) -> int | None:
+    """The id of the program in a slot of the walk_more array (0: the slot is empty; None:
+    the array is not pinned). Slot 0 holds the ingress walk's continuation."""
     path = os.path.join(pin, CONTINUATION_ARRAY)
     if not os.path.exists(path):
         return None
     with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
-        raw = _bpfsys.map_lookup(fd, _ZERO_KEY)
+        raw = _bpfsys.map_lookup(fd, struct.pack("=I", slot))
     return struct.unpack("=I", raw[:4])[0] if raw else 0
+
+
+def egress_slot_id(pin: str) -> int | None:
+    """The id of the program in walk_more's egress slot (the egress program, which goes on
+    with a long broker segment in itself), as continuation_id."""
+    return continuation_id(pin, _constants.EGRESS_MORE_SLOT)
 
 
 def is_continuation_of(prog_id: int, more_id: int) -> bool:

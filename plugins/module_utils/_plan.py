@@ -16,6 +16,9 @@ An observation of one interface (see _deploy.observe) is a dict:
     continuation  the walk_more array's slot against the ingress program: "ok" (its own
               continuation), "empty", "foreign" (another compile's program), or None (not
               looked at: no filter of ours, no pins)
+    egress_continuation  walk_more's egress slot against the egress program: "ok" (the
+              attached egress program itself, which goes on with a long broker segment in
+              itself), "empty", "foreign", or None (not looked at)
     shadows   filters at an earlier pref on the same hook, which run first
 A desired state is a dict {"config": {...}, "digest": "<sha256 hex>"}, or None for absent.
 The config's "overrides" (per-source limits) are not in the rendered source, so not in the
@@ -49,6 +52,8 @@ EGRESS_FOREIGN = "another program sits at the limiter's tc egress pref/handle"
 EGRESS_DIFFERS = "the egress filter is not the ingress filter's pair"
 CONTINUATION_GONE = "the walk's continuation program is missing from the walk_more array"
 CONTINUATION_DIFFERS = "the walk_more array holds a program that is not this pair's continuation"
+EGRESS_CONTINUATION_GONE = "the egress program is missing from its walk_more slot"
+EGRESS_CONTINUATION_DIFFERS = "the walk_more egress slot holds another program than the egress one"
 
 
 def filter_name(digest: str) -> str:
@@ -104,10 +109,13 @@ def _egress_drift(observed: dict[str, Any]) -> str | None:
 
 
 def _continuation_drift(observed: dict[str, Any]) -> str | None:
-    """What is wrong with the walk_more slot of a pair whose ingress filter is ours: the
-    observation's "continuation" is "ok", "empty", "foreign", or None (not looked at)."""
+    """What is wrong with the walk_more slots of a pair whose ingress filter is ours: the
+    observation's "continuation" and "egress_continuation" are each "ok", "empty",
+    "foreign", or None (not looked at)."""
     return {"empty": CONTINUATION_GONE, "foreign": CONTINUATION_DIFFERS}.get(
         observed.get("continuation") or ""
+    ) or {"empty": EGRESS_CONTINUATION_GONE, "foreign": EGRESS_CONTINUATION_DIFFERS}.get(
+        observed.get("egress_continuation") or ""
     )
 
 

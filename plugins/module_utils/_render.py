@@ -97,7 +97,9 @@ def template_values(config: dict[str, Any]) -> dict[str, Any]:
         config,
         action_code=codes[config["action"]],
         action_codes=codes,
-        egress_max_frames=_constants.EGRESS_MAX_FRAMES,
+        # A test may render a smaller bound, to reach the tail-call limit in one packet.
+        egress_max_frames=config.get("egress_max_frames", _constants.EGRESS_MAX_FRAMES),
+        egress_more_slot=_constants.EGRESS_MORE_SLOT,
     )
 
 

@@ -189,7 +189,7 @@ notes:
   - Filters and pins do not survive a reboot; the C(rabbitguard.limiter.tc_limiter) role
     installs a boot-time unit that re-attaches the limiter.
   - A run that fails half-way puts every interface it changed back as it was (the previous
-    ingress and egress programs, walk_more slot, config, overrides and pins). If something
+    ingress and egress programs, walk_more slots, config, overrides and pins). If something
     cannot be put back (for example a foreign non-BPF filter the run had to delete from the
     limiter's slot), the module fails and its message says that the host is not as before
     and what is left; running it again repairs the drift.

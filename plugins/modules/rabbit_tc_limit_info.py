@@ -130,8 +130,9 @@ limiters:
           the interface is gone but the pins are there, another program holds the limiter's
           tc slot, the pinned config does not match the filter, the attached program does
           not use the pinned maps, the egress filter is missing, foreign or not the
-          ingress filter's pair, or the walk_more slot (the walk's continuation program) is
-          empty or holds a program that is not this pair's.
+          ingress filter's pair, or a walk_more slot (the ingress walk's continuation
+          program, or the egress program's own slot) is empty or holds a program that is
+          not this pair's.
           M(rabbitguard.limiter.rabbit_tc_limit) repairs each.
         - An interface whose filter is the limiter's is listed even when nothing is pinned
           for it.

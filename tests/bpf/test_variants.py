@@ -46,6 +46,11 @@ def test_variant_loads_and_limits(action, l2, limit, port, frame_max, strict):
         verified = _bpfsys.prog_info(more.fd)["verified_insns"]
         print("verified_insns continuation %s: %d" % (dp.config, verified))
         assert verified < VERIFIER_BUDGET
+        # The egress program is its own continuation (walk_more's egress slot): the same
+        # budget, as the module loads it too.
+        verified = _bpfsys.prog_info(dp.egress.fd)["verified_insns"]
+        print("verified_insns egress %s: %d" % (dp.config, verified))
+        assert verified < VERIFIER_BUDGET
         flow = Flow(dp, l2=(l2 == "ethernet"))
         assert flow.handshake() == TC_ACT_OK
         verdict = flow.send(amqp.consume(1))

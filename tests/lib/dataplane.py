@@ -40,6 +40,7 @@ class Dataplane:
         force_skb_load_bytes=False,
         strict=False,
         max_frames=None,
+        egress_max_frames=None,
     ):
         """template_path: another template (a benchmark's "before"); force_skb_load_bytes:
         the test-only variant that reads every payload byte through the helper."""
@@ -52,6 +53,8 @@ class Dataplane:
                 self.config = dict(self.config, force_skb_load_bytes=True)
             if max_frames is not None:  # a smaller walk bound, to reach the tail-call limit
                 self.config = dict(self.config, max_frames=max_frames)
+            if egress_max_frames is not None:  # likewise for the egress walk
+                self.config = dict(self.config, egress_max_frames=egress_max_frames)
             self.source = _render.render(self.config, _render.read_template(template_path))
             # An older template (a benchmark's "before") has no continuation, no egress
             # program or map.

@@ -1,5 +1,6 @@
-"""A run that fails half-way leaves the host as it was before it, and a walk_more slot that
-is empty or holds another compile's program is drift that the next run repairs: through
+"""A run that fails half-way leaves the host as it was before it, and a walk_more slot (the
+ingress walk's continuation, the egress program's own) that is empty or holds another
+compile's program is drift that the next run repairs: through
 _deploy.apply on a real kernel, in a throwaway namespace (tests/root/test_apply.py's site).
 
 The failures are forced the way a host produces them: a foreign filter at the limiter's
@@ -43,15 +44,22 @@ def tc_show(site, ifname, hook):
     return tc_filters(site.netns, ifname, hook)
 
 
-def slot(site, ifname):
-    """The id of the program in ifname's walk_more slot (0: empty; None: not pinned)."""
+def slot(site, ifname, n=_compile.INGRESS_MORE_SLOT):
+    """The id of the program in ifname's walk_more slot n (0: empty; None: not pinned)."""
     pin = _names.pin_dir(site.pin_root, site.ns_key, ifname)
     path = os.path.join(pin, _compile.CONTINUATION_ARRAY)
     if not os.path.exists(path):
         return None
     with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
-        raw = _bpfsys.map_lookup(fd, struct.pack("=I", 0))
+        raw = _bpfsys.map_lookup(fd, struct.pack("=I", n))
     return 0 if raw is None else struct.unpack("=I", raw)[0]
+
+
+def slots(site, ifname):
+    """Both walk_more slots: the ingress walk's continuation, the egress program's own."""
+    return tuple(
+        slot(site, ifname, n) for n in (_compile.INGRESS_MORE_SLOT, _compile.EGRESS_MORE_SLOT)
+    )
 
 
 def pin_files(site):
@@ -69,7 +77,7 @@ def host_state(site):
             for hook in ("ingress", "egress")
         },
         "pins": pin_files(site),
-        "walk_more": {ifname: slot(site, ifname) for ifname in (IFACE, OTHER)},
+        "walk_more": {ifname: slots(site, ifname) for ifname in (IFACE, OTHER)},
         "info": site.info(),
     }
 
@@ -111,7 +119,7 @@ def test_a_replace_whose_egress_attach_fails_puts_the_old_half_pair_back(site, t
     drop_our_egress(site, IFACE)
     block_egress(site, IFACE)
     before = host_state(site)
-    assert before["walk_more"][IFACE]
+    assert before["walk_more"][IFACE][0] and before["walk_more"][IFACE][1]
 
     with pytest.raises(LimiterError, match="egress"):
         _deploy.apply(site.params(limit=5), template)
@@ -127,6 +135,8 @@ def test_a_failure_on_the_second_interface_puts_the_first_one_back(site, templat
     before = host_state(site)
     entry = [e for e in before["info"] if e["interface"] == IFACE][0]
     assert entry["attached"] and entry["config"]["limit"] == 3
+    # The egress slot holds the attached egress program (it was replaced, then put back).
+    assert before["walk_more"][IFACE][1] == egress_id(site, IFACE)
 
     # The first interface (sorted) is replaced in full before the second one fails.
     with pytest.raises(LimiterError, match="egress"):
@@ -161,10 +171,54 @@ def test_an_overrides_change_waits_for_the_builds_and_is_not_made_when_one_fails
     assert host_state(site) == before
 
 
-def empty_slot(site):
+def egress_id(site, ifname):
+    """The id of the program attached at the limiter's egress slot."""
+    (found,) = [f for f in tc_show(site, ifname, "egress") if "options" in f]
+    return found["options"]["prog"]["id"]
+
+
+def empty_slot(site, n=_compile.INGRESS_MORE_SLOT):
     path = os.path.join(site.pin, _compile.CONTINUATION_ARRAY)
     with _bpfsys.owned_fd(_bpfsys.obj_get(path)) as fd:
-        assert _bpfsys.map_delete(fd, struct.pack("=I", 0))
+        assert _bpfsys.map_delete(fd, struct.pack("=I", n))
+
+
+def test_an_empty_egress_slot_is_drift_and_repaired(site, template):
+    """The egress program goes on with a long broker segment in itself, through walk_more's
+    egress slot: empty, it stops after EGRESS_MAX_FRAMES frames (counted missed)."""
+    _deploy.apply(site.params(), template)
+    empty_slot(site, _compile.EGRESS_MORE_SLOT)
+    (entry,) = site.info()
+    assert entry["drift"] == _plan.EGRESS_CONTINUATION_GONE and entry["attached"] is False
+
+    repaired = only(_deploy.apply(site.params(), template))
+
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_CONTINUATION_GONE)
+    assert site.info()[0]["drift"] is None
+    assert slot(site, IFACE, _compile.EGRESS_MORE_SLOT) == egress_id(site, IFACE)
+    assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
+
+
+def test_another_egress_program_in_the_egress_slot_is_drift_and_repaired(site, template):
+    _deploy.apply(site.params(), template)
+    with _deploy._tc.open_netns(site.netns) as tc:
+        source, _desired = _deploy.desire(
+            tc, site.pin_root, site.ns_key, IFACE, site.params(), template
+        )
+    progs = _compile.compile_programs_isolated(source, site.pin)  # same source, another load
+    try:
+        _compile.fill_egress_slot(site.pin, progs.egress)
+    finally:
+        for fd in progs:
+            _bpfsys.close(fd)
+    (entry,) = site.info()
+    assert entry["drift"] == _plan.EGRESS_CONTINUATION_DIFFERS
+
+    repaired = only(_deploy.apply(site.params(), template))
+
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_CONTINUATION_DIFFERS)
+    assert site.info()[0]["drift"] is None
+    assert slot(site, IFACE, _compile.EGRESS_MORE_SLOT) == egress_id(site, IFACE)
 
 
 def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template):

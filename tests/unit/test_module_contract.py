@@ -182,19 +182,26 @@ class FakePins:
         fills = [more for p, more, _ in getattr(self, "continuations", ()) if p == pin]
         return fills[-1] if fills else 0
 
+    def egress_slot_id(self, pin):
+        """The last egress program put in pin's walk_more egress slot (0: none yet)."""
+        fills = [prog for p, prog, _ in getattr(self, "egress_slots", ()) if p == pin]
+        return fills[-1] if fills else 0
+
     def is_continuation_of(self, prog_id, more_id):
         return more_id == prog_id + 2  # loaded together: ingress, egress, more
 
-    def fill_continuation(self, pin, more_fd):
+    def fill_continuation(self, pin, more_fd, slot=0):
         """Records the continuation put in walk_more, and the ingress programs attached
-        at that moment (fds are ids here)."""
+        at that moment (fds are ids here); the egress slot's fills, with the egress
+        programs attached then, in egress_slots."""
         attached = [
             f["prog_id"]
             for tc in self.namespaces.values()
-            for filters in tc.filters.values()
+            for filters in tc._hook("egress" if slot else "ingress").values()
             for f in filters
         ]
-        self.__dict__.setdefault("continuations", []).append((pin, more_fd, attached))
+        record = "egress_slots" if slot else "continuations"
+        self.__dict__.setdefault(record, []).append((pin, more_fd, attached))
 
 
 class Exit(Exception):
@@ -269,6 +276,7 @@ def host(monkeypatch):
         "unpin_other_layouts",
         "missing",
         "continuation_id",
+        "egress_slot_id",
         "is_continuation_of",
     ):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
@@ -653,3 +661,31 @@ def test_an_undo_that_cannot_be_done_in_full_says_what_is_left(host, monkeypatch
     assert msg.startswith("attaching the egress filter: boom; ")
     assert "NOT as before" in msg and "ingress filter: detaching: the kernel said no" in msg
     assert host.pinned == {}  # what could be undone was
+
+
+def test_the_egress_slot_holds_the_attached_egress_program(host):
+    """The egress program goes on with a long broker segment in itself, through walk_more's
+    egress slot: each deploy puts its own egress program there once it is attached."""
+    first = run(limit=4)
+    second = run(limit=6)
+    fills = host.egress_slots
+    assert len(fills) == 2
+    for outcome, (pin, prog, attached) in zip((first, second), fills):
+        assert pin == entry(outcome)["pin_dir"]
+        assert prog == entry(outcome)["program_id"] + 1  # ingress, egress, more
+        assert attached == [prog]
+
+
+def test_an_egress_attach_that_fails_puts_the_old_egress_slot_back(host, monkeypatch):
+    first = entry(run(limit=4))
+    tc = host.namespaces[None]
+    attach = tc.attach
+
+    def egress_fails(ifname, prog_fd, name, pref, handle, hook="ingress"):
+        if hook == "egress" and prog_fd != first["program_id"] + 1:
+            raise LimiterError("attaching the egress filter: boom")
+        attach(ifname, prog_fd, name, pref, handle, hook)
+
+    monkeypatch.setattr(tc, "attach", egress_fails)
+    assert run(limit=6).failed
+    assert host.egress_slot_id(first["pin_dir"]) == first["program_id"] + 1

@@ -181,6 +181,23 @@ def test_the_walk_more_slot_is_drift_and_a_repair(state, reason):
     )
 
 
+@pytest.mark.parametrize(
+    "state, reason",
+    [
+        ("ok", None),
+        (None, None),
+        ("empty", _plan.EGRESS_CONTINUATION_GONE),
+        ("foreign", _plan.EGRESS_CONTINUATION_DIFFERS),
+    ],
+)
+def test_the_walk_more_egress_slot_is_drift_and_a_repair(state, reason):
+    found = dict(seen(_plan.filter_name(DIGEST)), continuation="ok", egress_continuation=state)
+    assert _plan.drift(found) == reason
+    assert _plan.plan_interface(found, WANT) == (
+        (_plan.REPAIR, reason) if reason else (_plan.NONE, None)
+    )
+
+
 def test_maps_that_differ_come_before_the_walk_more_slot():
     found = dict(seen(_plan.filter_name(DIGEST)), continuation="empty", maps_match=False)
     assert _plan.drift(found) == _plan.MAPS_DIFFER
