@@ -47,6 +47,9 @@ class ConnKey(ctypes.Structure):
 
 # Channels kept in a connection's own entry (the C's CHAN_SLOTS); more go to "channels".
 CHAN_SLOTS = 8
+# Channels in "channels" that the entry lists, to delete them with it (the C's OVER_SLOTS):
+# channel n at over[n % OVER_SLOTS].
+OVER_SLOTS = 16
 
 
 class ChanSlot(ctypes.Structure):
@@ -74,6 +77,7 @@ class ConnState(ctypes.Structure):
         ("stash", ctypes.c_uint8 * 11),
         ("flags", ctypes.c_uint8),
         ("chans", ChanSlot * CHAN_SLOTS),
+        ("over", ctypes.c_uint16 * OVER_SLOTS),
     ]
 
 

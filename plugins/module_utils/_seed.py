@@ -247,6 +247,11 @@ def conn_value(
         slot = state.chans[channel & (_layout.CHAN_SLOTS - 1)]
         if slot.consumers:
             overflow[channel] = count
+            # Listed, so that the classifier deletes it with the connection (where its
+            # place in the list is free; else unlisted, as the classifier does).
+            place = channel & (_layout.OVER_SLOTS - 1)
+            if not state.over[place]:
+                state.over[place] = channel
             continue
         slot.channel, slot.consumers = channel, count
     if overflow:
