@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from . import _constants
+from . import _constants, _layout
 
 # Kept here too for callers of _render (tests, benchmarks); the values are _constants'.
 ACTIONS = _constants.ACTIONS
@@ -98,6 +98,7 @@ def template_values(config: dict[str, Any]) -> dict[str, Any]:
         action_code=codes[config["action"]],
         action_codes=codes,
         egress_max_frames=_constants.EGRESS_MAX_FRAMES,
+        missed_causes=_layout.MISSED_CAUSES,
     )
 
 

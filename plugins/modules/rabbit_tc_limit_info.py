@@ -165,6 +165,15 @@ limiters:
           do) and segments whose frames were not seen. V(missed) counts the latter, and
           passed-ahead bytes later found to hold a frame header; it is the one to watch.
           Both directions count in it (the egress program's lost broker frames too).
+        - V(missed_by_cause) splits V(missed) by the place that counted it, a dict of
+          cause to count (its values sum to V(missed)) - V(unparsed_packet) (IP/TCP headers
+          not parsed, such as IP fragments), V(untracked_connection) (no state and not
+          starting on a frame), V(table_full), V(adrift) (a connection no longer
+          followed), V(awaiting_resync) (sync lost earlier, waiting for a segment that
+          starts on a frame), V(header_ahead_of_hole), V(frame_bound) (more frames in one
+          segment than the walk's tail calls reach), V(frame_end), V(header_unreadable),
+          V(bad_frame), V(bad_consume), V(continuation_lost), and for the broker's stream
+          V(egress_bad_frame), V(egress_frame_bound) and V(egress_gap).
       type: dict
     refusals:
       description:
