@@ -230,6 +230,19 @@ def proc_cpu(pids):
     return total / ticks
 
 
+def tcp_stats(netns):
+    """The namespace's TCP counters (/proc/net/snmp and netstat), by name."""
+    out = {}
+    text = sh("ip", "netns", "exec", netns, "cat", "/proc/net/snmp", "/proc/net/netstat").stdout
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        kind = names.split(":")[0]
+        for name, value in zip(names.split()[1:], values.split()[1:]):
+            with contextlib.suppress(ValueError):
+                out[kind + "." + name] = int(value)
+    return out
+
+
 def rx_bytes(netns):
     out = sh("ip", "-n", netns, "-s", "-j", "link", "show", BROKER_LINK).stdout
     return json.loads(out)[0]["stats64"]["rx"]["bytes"]
@@ -313,6 +326,8 @@ class Bench:
     def cell(self, variant, mode, size, conns):
         self.attach(variant)
         fd = self.fds.get(variant)
+        attached = self.pins.counters(self.pin)
+        tcp_before = tcp_stats(self.ns), tcp_stats(CLIENT_NS)
         warm = 0.8 if mode == "storm" else 0.6
         start = time.time() + warm + 0.15 * conns
         stop = start + self.args.seconds
@@ -353,6 +368,7 @@ class Bench:
         before = self.snapshot(fd, broker_pids)
         time.sleep(max(0.0, stop - time.time()))
         after = self.snapshot(fd, broker_pids)
+        tcp_after = tcp_stats(self.ns), tcp_stats(CLIENT_NS)
         done = cpu = 0.0
         for proc in procs:
             out, _ = proc.communicate(timeout=60)
@@ -365,6 +381,10 @@ class Bench:
             "rate": done / (after["t"] - before["t"]),
             "done": done,
             "cpu": after["cpu"] - before["cpu"] + cpu,
+            # From attach (connections opened, warm-up) to stop: the broker's TCP queued
+            # segments out of order, the clients' TCP retransmitted.
+            "ofo": tcp_after[0]["TcpExt.TCPOFOQueue"] - tcp_before[0]["TcpExt.TCPOFOQueue"],
+            "retrans": tcp_after[1]["Tcp.RetransSegs"] - tcp_before[1]["Tcp.RetransSegs"],
         }
         if fd is not None:
             runs = after["run_cnt"] - before["run_cnt"]
@@ -373,6 +393,9 @@ class Bench:
             row["bytes"] = after["rx"] - before["rx"]
         if variant == "ours":
             row["counters"] = counter_delta(before["counters"], after["counters"])
+            # Misses before the window (connection start, warm-up) leave connections
+            # adrift in it: what counted them shows only from the attach on.
+            row["since_attach"] = counter_delta(attached, after["counters"])
             row["egress_runs"] = after["egress_cnt"] - before["egress_cnt"]
             row["egress_ns"] = after["egress_ns"] - before["egress_ns"]
         return row
@@ -510,6 +533,17 @@ def run(args):
                 )
                 print(line, flush=True)
                 print("    ours' counters: %s" % counters, file=sys.stderr, flush=True)
+                for i, cells in enumerate(rounds):
+                    since = counter_sum([cells["ours"]["since_attach"]])
+                    print(
+                        "    round %d: out-of-order queued by the broker's TCP / client "
+                        "retransmissions from attach to stop: %s; ours from attach: missed %d, "
+                        "passed ahead %d, %s"
+                        % (i, ", ".join("%s %d/%d" % (v, c["ofo"], c["retrans"])
+                                        for v, c in cells.items()),
+                           since["missed"], since["passed_ahead"], since["missed_by_cause"]),
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
                 lines.append(line)
     finally:
         with open(STATS, "w") as f:

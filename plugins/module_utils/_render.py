@@ -99,6 +99,7 @@ def template_values(config: dict[str, Any]) -> dict[str, Any]:
         action_codes=codes,
         egress_max_frames=_constants.EGRESS_MAX_FRAMES,
         missed_causes=_layout.MISSED_CAUSES,
+        missed_slots=_layout.MISSED_SLOTS,
     )
 
 

@@ -68,18 +68,18 @@ def test_a_malformed_frame_is_missed(dp):
     flow = opened(dp)
     assert flow.send(amqp.heartbeat() * 3 + b"\x09" + amqp.heartbeat()[1:]) == TC_ACT_OK
     assert counts(dp) == (0, 1)
-    assert causes(dp) == {"bad_frame": 1}
+    assert causes(dp) == {"lost_sync": 1}
     assert flow.state().synced == 0
 
 
-def test_a_missing_end_octet_is_missed_as_frame_end(dp):
+def test_a_missing_end_octet_loses_sync_then_waits_for_a_frame(dp):
     flow = opened(dp)
     beat = amqp.heartbeat()
     assert flow.send(beat[:-1] + b"\x00" + beat * 2) == TC_ACT_OK
-    assert causes(dp) == {"frame_end": 1}
+    assert causes(dp) == {"lost_sync": 1}
     # Lost in order: a segment that does not start on a frame waits for one that does.
     assert flow.send(b"\x00" * 40) == TC_ACT_OK
-    assert causes(dp) == {"frame_end": 1, "awaiting_resync": 1}
+    assert causes(dp) == {"lost_sync": 1, "awaiting_resync": 1}
 
 
 def test_a_connection_seen_mid_body_is_missed_as_untracked(dp):
