@@ -171,7 +171,7 @@ limiters:
           starting on a frame), V(table_full), V(adrift) (a connection no longer
           followed), V(awaiting_resync) (sync lost earlier, waiting for a segment that
           starts on a frame), V(header_ahead_of_hole) (bytes passed ahead of a hole held a
-          frame header: the connection goes adrift), V(lost_sync) (what is not a frame, or
+          frame header, and the connection goes adrift), V(lost_sync) (what is not a frame, or
           a basic.consume the broker would not take), V(frame_bound) (more frames in one
           segment than the walk's tail calls reach), V(continuation_lost), and for the
           broker's stream V(egress_bad_frame), V(egress_frame_bound) and V(egress_gap).
