@@ -98,6 +98,32 @@ class ChanState(ctypes.Structure):
     ]
 
 
+# Why a frame went unseen: the places in the data plane that count one in Counters.missed,
+# in the order of Counters.missed_by_cause (the template's MISSED_* numbers are rendered
+# from this tuple; it needs adrift just before awaiting_resync, and frame_bound just after
+# lost_sync). Append only: a pinned counters map of this layout keeps its order.
+MISSED_CAUSES = (
+    # ingress (client to broker)
+    "unparsed_packet",  # a packet to the broker port whose IP/TCP headers were not parsed
+    "untracked_connection",  # no state (no SYN seen) and not starting on a frame
+    "table_full",  # the connections map took no new entry
+    "adrift",  # a connection no longer followed (see header_ahead_of_hole), until it ends
+    "awaiting_resync",  # sync lost earlier; out of order or not starting on a frame
+    "header_ahead_of_hole",  # bytes passed ahead of a hole held a frame header
+    "lost_sync",  # the walk met what is not a frame: type, size, end octet, unreadable header,
+    # or a basic.consume the broker would not take (channel 0, no end octet)
+    "frame_bound",  # a tail call to the continuation failed (over 34 x MAX_FRAMES frames)
+    "continuation_lost",  # the continuation found no walk of this segment to go on with
+    # egress (broker to client)
+    "egress_bad_frame",  # not a frame (or unreadable) in the broker's stream
+    "egress_frame_bound",  # more frames in one broker segment than the egress walk takes
+    "egress_gap",  # broker bytes after a gap or lost sync, not starting on a frame
+)
+# Counters.missed_by_cause's length: a power of two (the data plane bounds a cause by a
+# mask); the slots past the causes stay zero.
+MISSED_SLOTS = 16
+
+
 class Counters(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
@@ -116,7 +142,7 @@ class Counters(ctypes.Structure):
             "passed_ahead",
             "missed",
         )
-    ]
+    ] + [("missed_by_cause", ctypes.c_uint64 * MISSED_SLOTS)]
 
 
 class Refusal(ctypes.Structure):

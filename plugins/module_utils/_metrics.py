@@ -10,7 +10,8 @@ metrics mode writes the text to a file atomically; rabbit_tc_limit_info returns 
 
 Conventions: one prefix, counters end in ``_total``, metadata in ``_info``; the only
 labels are ``namespace`` and ``interface`` (``_info`` adds the deployed action, port and
-limit), never anything per connection. No timestamps: the collector takes none.
+limit; ``missed_frames_total`` the cause, one of a fixed set), never anything per
+connection. No timestamps: the collector takes none.
 """
 
 from __future__ import absolute_import, annotations, division, print_function
@@ -46,6 +47,18 @@ COUNTERS = {
     ),
     "resyncs": ("resyncs_total", "Times a connection found the AMQP frame boundaries again."),
     "unparsed": ("unparsed_total", "Segments that could not be parsed and passed (fail open)."),
+    "held": (
+        "held_total",
+        "Strict mode: segments ahead of the stream dropped, to come again in order.",
+    ),
+    "passed_ahead": (
+        "passed_ahead_total",
+        "Segments ahead of a hole passed unwalked (nothing missed unless missed_total says so).",
+    ),
+    "missed": (
+        "missed_total",
+        "Frames (or segments of frames) the limiter did not see; by cause in missed_frames_total.",
+    ),
     # From the refusal log (rabbit_tc_limit_info adds them to an entry's counters).
     "refuse_rewrites": (
         "refuse_rewrites_total",
@@ -68,6 +81,12 @@ GAUGES = {
     "overrides": "Per-source limits (overrides) deployed.",
 }
 INFO_HELP = "The deployed configuration (value always 1)."
+# The counters' missed_by_cause split: one series per cause (a fixed set, _layout's).
+MISSED_BY_CAUSE = "missed_by_cause"
+MISSED_FRAMES = (
+    "missed_frames_total",
+    "missed_total split by what caused the miss (see rabbit_tc_limit_info's missed_by_cause).",
+)
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -132,6 +151,8 @@ def render(limiters: list[dict[str, Any]]) -> str:
         ),
     )
     for field in _counter_names(limiters):
+        if field == MISSED_BY_CAUSE:
+            continue
         metric, help_text = COUNTERS.get(
             field, ("%s_total" % _NAME_RE.sub("_", field), "Data-plane counter %s." % field)
         )
@@ -146,6 +167,22 @@ def render(limiters: list[dict[str, Any]]) -> str:
                 if field in (e.get("counters") or {})
             ),
         )
+    name = PREFIX + MISSED_FRAMES[0]
+    out += _family(
+        name,
+        "counter",
+        MISSED_FRAMES[1],
+        (
+            "%s%s %d"
+            % (
+                name,
+                _labels({"namespace": e["namespace"], "interface": e["interface"], "cause": c}),
+                n,
+            )
+            for _l, e in keyed
+            for c, n in ((e.get("counters") or {}).get(MISSED_BY_CAUSE) or {}).items()
+        ),
+    )
     values: dict[str, list[tuple[str, int]]] = {name: [] for name in GAUGES}
     for labels, e in keyed:
         values["attached"].append((labels, 1 if e.get("attached") else 0))

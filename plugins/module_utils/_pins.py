@@ -208,18 +208,27 @@ def unpin_other_layouts(pin: str) -> list[str]:
 # -- what the data plane knows ----------------------------------------------------------------
 
 
-def counters(pin: str) -> dict[str, int]:
-    """The counters map summed over CPUs, by field name."""
+def counters(pin: str) -> dict[str, Any]:
+    """The counters map summed over CPUs, by field name (see sum_counters)."""
     per_cpu = _read_map(pin, "counters", _ZERO_KEY, _layout.Counters, percpu=True) or []
     return sum_counters(per_cpu)
 
 
-def sum_counters(per_cpu: list[bytes]) -> dict[str, int]:
-    """Per-CPU raw Counters values summed by field name."""
-    total = dict.fromkeys([field[0] for field in _layout.Counters._fields_], 0)
+def sum_counters(per_cpu: list[bytes]) -> dict[str, Any]:
+    """Per-CPU raw Counters values summed by field name; missed_by_cause becomes
+    {cause name: count} (see _layout.MISSED_CAUSES)."""
+    total: dict[str, Any] = {}
+    for field in _layout.Counters._fields_:
+        total[field[0]] = 0
+    causes = dict.fromkeys(_layout.MISSED_CAUSES, 0)
     for raw in per_cpu:
         for name, value in _layout.as_dict(_layout.decode(_layout.Counters, raw)).items():
-            total[name] += value
+            if name == "missed_by_cause":
+                for cause, count in zip(_layout.MISSED_CAUSES, value):
+                    causes[cause] += count
+            else:
+                total[name] += value
+    total["missed_by_cause"] = causes
     return total
 
 

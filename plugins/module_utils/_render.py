@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from . import _constants
+from . import _constants, _layout
 
 # Kept here too for callers of _render (tests, benchmarks); the values are _constants'.
 ACTIONS = _constants.ACTIONS
@@ -100,6 +100,8 @@ def template_values(config: dict[str, Any]) -> dict[str, Any]:
         # A test may render a smaller bound, to reach the tail-call limit in one packet.
         egress_max_frames=config.get("egress_max_frames", _constants.EGRESS_MAX_FRAMES),
         egress_more_slot=_constants.EGRESS_MORE_SLOT,
+        missed_causes=_layout.MISSED_CAUSES,
+        missed_slots=_layout.MISSED_SLOTS,
     )
 
 

@@ -166,6 +166,17 @@ limiters:
           do) and segments whose frames were not seen. V(missed) counts the latter, and
           passed-ahead bytes later found to hold a frame header; it is the one to watch.
           Both directions count in it (the egress program's lost broker frames too).
+        - V(missed_by_cause) splits V(missed) by the place that counted it, a dict of
+          cause to count (its values sum to V(missed)) - V(unparsed_packet) (IP/TCP headers
+          not parsed, such as IP fragments), V(untracked_connection) (no state and not
+          starting on a frame), V(table_full), V(adrift) (a connection no longer
+          followed), V(awaiting_resync) (sync lost earlier, waiting for a segment that
+          starts on a frame), V(header_ahead_of_hole) (bytes passed ahead of a hole held a
+          frame header, and the connection goes adrift), V(lost_sync) (what is not a frame, or
+          a basic.consume the broker would not take), V(frame_bound) (more frames in one
+          segment than the walk's tail calls reach), V(continuation_lost), and for the
+          broker's stream V(egress_bad_frame), V(egress_frame_bound) and V(egress_gap).
+          V(adrift) and V(awaiting_resync) count segments, the others events.
       type: dict
     refusals:
       description:

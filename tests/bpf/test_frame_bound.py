@@ -64,6 +64,7 @@ def test_past_the_tail_call_limit_the_walk_fails_open_and_says_so(small_bound):
     assert flow.send(amqp.heartbeat() * frames + amqp.consume(1)) == TC_ACT_OK
     assert flow.consumers() == 0
     assert small_bound.counters()["missed"] == 1
+    assert small_bound.counters()["missed_by_cause"]["frame_bound"] == 1
     assert flow.state().synced == 0
 
 

@@ -21,6 +21,14 @@ def counts(dp):
     return c["passed_ahead"], c["missed"]
 
 
+def causes(dp):
+    """missed_by_cause without the causes that counted nothing; its sum is `missed`."""
+    c = dp.counters()
+    by_cause = {cause: n for cause, n in c["missed_by_cause"].items() if n}
+    assert sum(by_cause.values()) == c["missed"]
+    return by_cause
+
+
 def test_a_segment_ahead_of_a_hole_inside_a_body_misses_nothing(dp):
     """Reordering inside a 1 MiB body (veth with TSO on does it): the later segment passes
     first, the hole fills, and the walk's next header lies beyond both."""
@@ -49,11 +57,34 @@ def test_a_frame_header_in_bytes_passed_ahead_is_missed(dp):
     assert counts(dp) == (1, 0)
     assert flow.send(gap, seq=hole) == TC_ACT_OK
     assert counts(dp) == (1, 1)
+    assert causes(dp) == {"header_ahead_of_hole": 1}
     assert flow.state().synced == 0
+    # From here on the connection is adrift: what it sends is not walked, and says why.
+    assert flow.send(amqp.consume(1)) == TC_ACT_OK
+    assert causes(dp) == {"header_ahead_of_hole": 1, "adrift": 1}
 
 
 def test_a_malformed_frame_is_missed(dp):
     flow = opened(dp)
     assert flow.send(amqp.heartbeat() * 3 + b"\x09" + amqp.heartbeat()[1:]) == TC_ACT_OK
     assert counts(dp) == (0, 1)
+    assert causes(dp) == {"lost_sync": 1}
     assert flow.state().synced == 0
+
+
+def test_a_missing_end_octet_loses_sync_then_waits_for_a_frame(dp):
+    flow = opened(dp)
+    beat = amqp.heartbeat()
+    assert flow.send(beat[:-1] + b"\x00" + beat * 2) == TC_ACT_OK
+    assert causes(dp) == {"lost_sync": 1}
+    # Lost in order: a segment that does not start on a frame waits for one that does.
+    assert flow.send(b"\x00" * 40) == TC_ACT_OK
+    assert causes(dp) == {"lost_sync": 1, "awaiting_resync": 1}
+
+
+def test_a_connection_seen_mid_body_is_missed_as_untracked(dp):
+    """No SYN seen (the limiter came up after the connection did), and the segment is not
+    a frame: the one place that counts untracked_connection."""
+    flow = Flow(dp, client_port=40123)
+    assert flow.send(b"\x00" * 100) == TC_ACT_OK
+    assert causes(dp) == {"untracked_connection": 1}

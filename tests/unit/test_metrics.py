@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout, _metrics
 
-COUNTER_FIELDS = [name for name, _t in _layout.Counters._fields_]
+COUNTER_FIELDS = [name for name, _t in _layout.Counters._fields_ if name != "missed_by_cause"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DASHBOARD = os.path.join(REPO, "files", "grafana", "rabbitguard-limiter.json")
 
@@ -32,7 +32,11 @@ def entry(ns="host", ifname="eth0", limit=10, conns=(), attached=True, **counter
             "overrides": [{"source": "198.18.0.0/24", "limit": 50}],
         },
         "attached": attached,
-        "counters": dict(dict.fromkeys(COUNTER_FIELDS, 0), **counters),
+        "counters": dict(
+            dict.fromkeys(COUNTER_FIELDS, 0),
+            missed_by_cause=dict.fromkeys(_layout.MISSED_CAUSES, 0),
+            **counters,
+        ),
         "connections": list(conns),
         "connection_count": len(conns),
     }
@@ -127,7 +131,7 @@ def test_a_counter_added_later_is_exported_too():
     )
 
 
-def test_labels_are_namespace_and_interface_only_and_escaped():
+def test_labels_are_namespace_interface_and_a_fixed_cause_only_and_escaped():
     odd = entry(ns="netns-a", ifname='we"ird\\if', conns=[conn("198.18.0.2", 1, 1)])
     text = _metrics.render([entry(), odd])
     for family in text_string_to_metric_families(text):
@@ -135,6 +139,10 @@ def test_labels_are_namespace_and_interface_only_and_escaped():
             keys = set(sample.labels)
             if family.name == "rabbitguard_limiter_info":
                 assert keys == {"interface", "namespace", "action", "port", "limit"}
+            elif family.name == "rabbitguard_limiter_missed_frames":
+                # A fixed set of causes, never anything per connection.
+                assert keys == {"interface", "namespace", "cause"}, sample
+                assert sample.labels["cause"] in _layout.MISSED_CAUSES
             else:
                 assert keys == {"interface", "namespace"}, sample
     metrics = parse(text)
@@ -200,3 +208,19 @@ def _words(expr):
     import re
 
     return re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)
+
+
+def test_missed_frames_by_cause_is_one_labelled_series_per_cause():
+    """The split of missed: a user sees which cause counted, and the series sum to missed."""
+    e = entry(missed=5)
+    e["counters"]["missed_by_cause"].update(adrift=3, egress_frame_bound=2)
+    metrics = parse(_metrics.render([e]))
+    kind, samples = metrics["rabbitguard_limiter_missed_frames"]
+    assert kind == "counter"
+    by_cause = {dict(labels)["cause"]: value for (_name, labels), value in samples.items()}
+    assert set(by_cause) == set(_layout.MISSED_CAUSES)
+    assert by_cause["adrift"] == 3 and by_cause["egress_frame_bound"] == 2
+    assert sum(by_cause.values()) == 5
+    total = metrics["rabbitguard_limiter_missed"][1]
+    assert total == {("rabbitguard_limiter_missed_total", HOST): 5}
+    assert "rabbitguard_limiter_missed_by_cause" not in metrics
