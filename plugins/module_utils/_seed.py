@@ -195,7 +195,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def _run(argv: list[str]) -> str:
-    for tool in {argv[0], "rabbitmqctl"}:  # ip and nsenter enter the namespace first
+    for tool in dict.fromkeys((argv[0], "rabbitmqctl")):  # ip/nsenter enter the netns first
         if shutil.which(tool) is None:
             raise SeedError("%s is not installed on this host" % tool)
     erl_flags = (os.environ.get("ERL_FLAGS", "") + " " + CLI_ERL_FLAGS).strip()
@@ -228,7 +228,8 @@ def read_broker(node: str | None, netns: str | None, run: Runner = _run) -> list
         chans = run(rabbitmqctl_argv(node, netns, ["list_channels", *CHANNEL_COLUMNS]))
     except NoAnswer as exc:
         where = "in namespace %s" % netns if netns else "on this host"
-        raise SeedError("no broker answered %s: %s" % (where, exc)) from exc
+        # from None: the message carries the CLI's answer, and the traceback adds nothing
+        raise SeedError("no broker answered %s: %s" % (where, exc)) from None
     return parse(conns, chans)
 
 
