@@ -116,7 +116,7 @@ MISSED_CAUSES = (
     "continuation_lost",  # the continuation found no walk of this segment to go on with
     # egress (broker to client)
     "egress_bad_frame",  # not a frame (or unreadable) in the broker's stream
-    "egress_frame_bound",  # more frames in one broker segment than the egress walk takes
+    "egress_frame_bound",  # a tail call of the egress walk failed (over 34 x its 256 frames)
     "egress_gap",  # broker bytes after a gap or lost sync, not starting on a frame
 )
 # Counters.missed_by_cause's length: a power of two (the data plane bounds a cause by a

@@ -13,6 +13,7 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout
 from tests.integration.common import CFG, deploy, info, run
 from tests.lib.clients import open_consumers
 
@@ -27,13 +28,17 @@ ETH0 = {"namespace": "host", "interface": "eth0"}
 
 
 def samples(text):
-    """{sample name: (family type, labels, value)} of the eth0 entries."""
+    """{sample name: (family type, labels, value)} of the eth0 entries; a series split by
+    cause is named name{cause=...}, one entry per cause."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.labels.get("interface") == "eth0":
-                assert s.name not in out, s
-                out[s.name] = (family.type, s.labels, s.value)
+                name = s.name
+                if "cause" in s.labels:
+                    name += "{cause=%s}" % s.labels["cause"]
+                assert name not in out, s
+                out[name] = (family.type, s.labels, s.value)
     return out
 
 
@@ -77,6 +82,12 @@ def test_metrics_count_what_real_clients_did(ansible, lab_hosts, queues, client_
     assert delta("connections_tracked_total") >= 2
     assert after[P + "segments_total"][0] == "counter" and delta("segments_total") > 0
     assert after[P + "unparsed_total"][2] == 0
+    # The missed frames by cause: one series per cause, adding up to missed_total.
+    by_cause = {
+        n: v for n, (_t, _l, v) in after.items() if n.startswith(P + "missed_frames_total{")
+    }
+    assert len(by_cause) == len(_layout.MISSED_CAUSES), sorted(by_cause)
+    assert sum(by_cause.values()) == after[P + "missed_total"][2]
     for gauge in ("connections", "connections_near_limit", "consumers", "attached"):
         assert after[P + gauge][0] == "gauge" and after[P + gauge][1] == ETH0, gauge
     assert after[P + "attached"][2] == 1
