@@ -12,7 +12,8 @@ CPUs: what containers see).
 
 Workloads: publishers with publisher confirms (a raw-socket AMQP client, one process per
 connection, a bounded window of unconfirmed messages) of 64 B, 4 KiB and 1 MiB messages on 1
-and 8 connections, and a consume/cancel storm (pipelined basic.consume + basic.cancel pairs).
+and 8 connections, and a consume/cancel storm (64 consumers in flight on one connection, each
+cancelled as soon as its consume-ok comes, and replaced as soon as its cancel-ok comes).
 Each cell runs a few seconds with, in rotating order each round: no program, a no-op program,
 the naive first-frame limiter (bench/naive_limiter.c) and ours, then no program again (the
 control: its spread against the first is the noise of this machine).
@@ -53,7 +54,11 @@ BROKER_LINK, CLIENT_LINK = "rgpb1", "eth0"
 BROKER_ADDR, CLIENT_ADDR = "198.18.210.253", "198.18.210.254"
 PIN_ROOT = "/sys/fs/bpf/rgp-bench"
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
-LIMIT = 1000  # ours and the naive limiter: far above what the storm ever holds
+LIMIT = 1000  # ours: far above what the storm ever holds (STORM_PIPELINE)
+# The naive limiter never hears of a cancel, so the storm reaches any limit it has: it gets
+# one that no run reaches (with 1000, every storm cell of it stalled on its drop within a
+# second).
+NAIVE_LIMIT = 1 << 30
 STORM_PIPELINE = 64
 VARIANTS = ("none", "noop", "naive", "ours", "control")
 
@@ -132,25 +137,65 @@ def cpu_seconds():
     return t.user + t.system
 
 
+def storm(client, queue, args):
+    """The consume/cancel storm on one connection: STORM_PIPELINE consumers in flight, each
+    cancelled as soon as its consume-ok comes, a new one sent for each cancel-ok. What
+    completes is a pair (a consume and its cancel, both answered); the frames the broker's
+    answers make ready are answered together, so segments carry several frames each.
+
+    A cancel never goes before its own consume-ok: RabbitMQ 3.10 handles a classic queue's
+    consume-ok asynchronously, and a basic.cancel pipelined behind its basic.consume is done
+    first, so that the consume-ok then finds no such consumer and the channel crashes
+    (541 INTERNAL_ERROR; in the broker's log, a badkey for the tag in
+    rabbit_channel:consumer_monitor/2). Returns (done, cpu) at start and at stop."""
+    serial = 0
+
+    def consume():
+        nonlocal serial
+        serial += 1
+        return amqp.consume(1, queue, tag="c%d" % serial)
+
+    out = b"".join(consume() for _ in range(STORM_PIPELINE))
+    done = 0
+    at_start = None
+    while True:
+        now = time.time()
+        if at_start is None and now >= args.start:
+            at_start = (done, cpu_seconds())
+        if now >= args.stop:
+            return at_start, (done, cpu_seconds())
+        if out:
+            client.sock.sendall(out)
+            out = b""
+        for got, margs in client.methods(block=True):
+            if got == CONSUME_OK:
+                tag = margs[1 : 1 + margs[0]].decode()
+                out += amqp.cancel(1, tag=tag)
+            elif got == CANCEL_OK:
+                done += 1
+                out += consume()
+            elif got in ((10, 50), (20, 40)):
+                raise ConnectionError("closed by the broker: %r" % margs[:80])
+
+
 def worker(args):
     """One connection: warm up until args.start, count what completes until args.stop."""
     client = Client(args.host, args.user, args.password)
-    # The storm consumes from a queue nothing is published to: a publishers' queue would
-    # flood it with deliveries (RabbitMQ 3.10 closed such a channel with 541 INTERNAL_ERROR).
+    # The storm consumes from a queue nothing is published to (no deliveries in its way).
     queue = ("rgp-storm%d" if args.mode == "storm" else "rgp-q%d") % args.index
     client.declare(queue)
     if args.mode == "storm":
-        make = lambda i: amqp.consume(1, queue, tag="c%d" % i) + amqp.cancel(1, tag="c%d" % i)  # noqa: E731
-        window, unit, done_on = STORM_PIPELINE, 1, CANCEL_OK
-    else:
-        client.sock.sendall(amqp.method(1, CONFIRM_SELECT, b"\x00"))
-        client.expect(CONFIRM_SELECT_OK)
-        message = amqp.publish(1, b"\x00" * args.size, routing_key=queue)
-        unit = max(1, min(256, (256 << 10) // len(message)))  # messages per send
-        window = max(2 * unit, (4 << 20) // len(message))
-        burst = message * unit
-        make = None
-        done_on = BASIC_ACK
+        at_start, at_stop = storm(client, queue, args)
+        client.close()
+        at_start = at_start or at_stop
+        print(json.dumps({"done": at_stop[0] - at_start[0], "cpu": at_stop[1] - at_start[1]}))
+        return
+    client.sock.sendall(amqp.method(1, CONFIRM_SELECT, b"\x00"))
+    client.expect(CONFIRM_SELECT_OK)
+    message = amqp.publish(1, b"\x00" * args.size, routing_key=queue)
+    unit = max(1, min(256, (256 << 10) // len(message)))  # messages per send
+    window = max(2 * unit, (4 << 20) // len(message))
+    burst = message * unit
     sent = done = 0
     at_start = at_stop = None
     while True:
@@ -161,18 +206,12 @@ def worker(args):
             at_stop = (done, cpu_seconds())
             break
         while sent - done <= window - unit:
-            if make is not None:
-                client.sock.sendall(make(sent))
-            else:
-                client.sock.sendall(burst)
+            client.sock.sendall(burst)
             sent += unit
         for got, margs in client.methods(block=True):
-            if got == done_on:
-                if make is None:
-                    tag, bits = struct.unpack(">QB", margs[:9])
-                    done = max(done, tag) if bits & 1 else done + 1
-                else:
-                    done += 1
+            if got == BASIC_ACK:
+                tag, bits = struct.unpack(">QB", margs[:9])
+                done = max(done, tag) if bits & 1 else done + 1
             elif got == BASIC_NACK:
                 raise RuntimeError("the broker refused (nack) a message")
             elif got in ((10, 50), (20, 40)):
@@ -267,7 +306,7 @@ class Bench:
         self.bpfsys, self.tc_mod, self.pins, self.C = _bpfsys, _tc, _pins, _constants
         self.deploy = _deploy
         with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
-            self.base = BPF(text=f.read().encode(), cflags=["-DCONSUMER_LIMIT=%d" % LIMIT])
+            self.base = BPF(text=f.read().encode(), cflags=["-DCONSUMER_LIMIT=%d" % NAIVE_LIMIT])
         self.params = dict(
             state="present",
             interfaces=[BROKER_LINK],
@@ -300,6 +339,14 @@ class Bench:
             "naive": self.base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd,
             "ours": self.ours_fd,
         }
+        # --before: ours rendered from an older template, with its own maps and its own
+        # egress program (if it has one), in cells of its own.
+        self.before = None
+        if args.before:
+            from tests.lib.dataplane import Dataplane
+
+            self.before = Dataplane(limit=LIMIT, action="drop", template_path=args.before)
+            self.fds["before"] = self.before.function.fd
 
     def close(self):
         try:
@@ -308,6 +355,8 @@ class Bench:
             self.bpfsys.close(self.ours_fd)
             self.bpfsys.close(self.egress_fd)
             self.base.cleanup()
+            if self.before is not None:
+                self.before.close()
 
     def attach(self, variant):
         egress_slot = (self.C.EGRESS_FILTER_PREF, self.C.EGRESS_FILTER_HANDLE, "egress")
@@ -320,6 +369,8 @@ class Bench:
                           self.C.FILTER_PREF, self.C.FILTER_HANDLE)  # fmt: skip
             if variant == "ours":
                 tc.attach(BROKER_LINK, self.egress_fd, self.egress_name, *egress_slot)
+            elif variant == "before" and self.before.egress is not None:
+                tc.attach(BROKER_LINK, self.before.egress.fd, "rgbench-before", *egress_slot)
             else:
                 tc.detach(BROKER_LINK, *egress_slot)
 
@@ -366,8 +417,12 @@ class Bench:
         broker_pids = [int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()]
         time.sleep(max(0.0, start - time.time()))
         before = self.snapshot(fd, broker_pids)
+        if variant == "before":
+            counters_before = self.before.counters()
         time.sleep(max(0.0, stop - time.time()))
         after = self.snapshot(fd, broker_pids)
+        if variant == "before":
+            row_counters = counter_delta(counters_before, self.before.counters())
         tcp_after = tcp_stats(self.ns), tcp_stats(CLIENT_NS)
         done = cpu = 0.0
         for proc in procs:
@@ -391,6 +446,8 @@ class Bench:
             row["runs"] = runs
             row["prog_ns"] = after["run_time_ns"] - before["run_time_ns"]
             row["bytes"] = after["rx"] - before["rx"]
+        if variant == "before":
+            row["counters"] = row_counters
         if variant == "ours":
             row["counters"] = counter_delta(before["counters"], after["counters"])
             # Misses before the window (connection start, warm-up) leave connections
@@ -495,6 +552,27 @@ def summarize(tso, name, conns, rounds, fpm):
     ), counters  # fmt: skip
 
 
+def summarize_before(tso, name, conns, rounds, fpm):
+    """--before: the older template's row beside ours, in the same rounds: messages/s ratio,
+    ns per packet and per frame, CPU share, frames per packet, missed frames."""
+    rounds = [r for r in rounds if r["none"]["rate"] > 0 and "before" in r]
+    if not rounds:
+        return "| %s | %s | %d | before: no round completed |" % (tso, name, conns)
+    out = []
+    for v in ("before", "ours"):
+        cells = [r[v] for r in rounds]
+        ratio = median([r[v]["rate"] / r["none"]["rate"] for r in rounds])
+        runs = max(sum(c["runs"] for c in cells), 1)
+        ns = sum(c["prog_ns"] for c in cells)
+        frames = fpm * sum(c["done"] for c in cells)
+        share = ns / 1e9 / max(sum(c["cpu"] for c in cells), 1e-9)
+        missed = sum(c["counters"].get("missed", 0) for c in cells)
+        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, missed %d"
+                   % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, frames / runs,
+                      missed))  # fmt: skip
+    return "| %s | %s | %d | %s |" % (tso, name, conns, " · ".join(out))
+
+
 def run(args):
     # SIGTERM (a timeout) takes everything down too, as an exception through the finally.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit("bench/broker.py: terminated"))
@@ -522,8 +600,8 @@ def run(args):
                     continue
                 rounds = []
                 for r in range(args.rounds):
-                    order = list(VARIANTS[:4])
-                    order = order[r % 4 :] + order[: r % 4]
+                    order = list(VARIANTS[:4]) + (["before"] if args.before else [])
+                    order = order[r % len(order) :] + order[: r % len(order)]
                     cells = {}
                     try:
                         for variant in order + ["control"]:
@@ -539,6 +617,11 @@ def run(args):
                     tso_name, name, conns, rounds, frames_per_message(mode, size)
                 )
                 print(line, flush=True)
+                if args.before:
+                    before_line = summarize_before(tso_name, name, conns, rounds,
+                                                   frames_per_message(mode, size))  # fmt: skip
+                    print(before_line, flush=True)
+                    lines.append(before_line)
                 print("    ours' counters: %s" % counters, file=sys.stderr, flush=True)
                 for i, cells in enumerate(rounds):
                     since = counter_sum([cells["ours"]["since_attach"]])
@@ -590,6 +673,11 @@ def main():
         "--select",
         type=lambda text: text.split(","),
         help="only these cells, as TSO:MESSAGES:CONNS,... (e.g. 'off:64 B:1,on:1 MiB:8')",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="TEMPLATE",
+        help="also measure ours rendered from this (older) template, in cells of its own",
     )
     args = parser.parse_args()
     if args.cmd == "worker":

@@ -184,6 +184,27 @@ def single_runs(fds, packet, samples, before):
     return [statistics.median(t) for t in times]
 
 
+def print_table(rows, columns, vs, before=False):
+    """Print one side-by-side Markdown table. columns: the titles of the programs measured,
+    ours last; vs: the names of the others in the ratio columns; a row is [case, ns of each
+    column, and with `before` the ns of ours built from the older template]."""
+    titles = columns[:-1] + (["before"] if before else []) + columns[-1:]
+    ratios = ["vs " + name for name in vs] + (["vs before"] if before else [])
+    print("| " + " | ".join(["case"] + titles + ratios) + " |")
+    print("|---|" + "---:|" * (len(titles) + len(ratios)))
+    ours = len(columns) - 1
+    for name, *ns in rows:
+        mine, others = ns[ours], ns[:ours] + ns[ours + 1 :]
+        print(
+            "| %s | %s | %s |"
+            % (
+                name,
+                " | ".join("%d" % v for v in others + [mine]),
+                " | ".join("%.2fx" % (mine / v) for v in others),
+            )
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=3000)
@@ -212,25 +233,12 @@ def main():
             "Median ns per packet, one run per sample after restoring state "
             "(%d samples each)\n" % args.samples
         )
-        if older:
-            print(
-                "| case | no-op (floor) | naive limiter | before | rabbitguard | vs floor "
-                "| vs naive | vs before |"
-            )
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
-            for name, noop, naive, mine, was in rows:
-                print(
-                    "| %s | %d | %d | %d | %d | %.2fx | %.2fx | %.2fx |"
-                    % (name, noop, naive, was, mine, mine / noop, mine / naive, mine / was)
-                )
-        else:
-            print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor | vs naive |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for name, noop, naive, mine in rows:
-                print(
-                    "| %s | %d | %d | %d | %.2fx | %.2fx |"
-                    % (name, noop, naive, mine, mine / noop, mine / naive)
-                )
+        print_table(
+            rows,
+            ["no-op (floor)", "naive limiter", "rabbitguard"],
+            ["floor", "naive"],
+            before=bool(older),
+        )
 
         helper_dps = [Dataplane(limit=LIMIT, action="drop", force_skb_load_bytes=True)]
         # With --before, the older template's egress program too, when it has one.
@@ -260,19 +268,9 @@ def main():
             for dp in helper_dps:
                 dp.close()
         print("\nEgress program (broker to client), median ns per packet, same method\n")
-        if old_egress:
-            print("| case | no-op (floor) | before | rabbitguard egress | vs floor | vs before |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for name, noop, mine, was in egress_rows:
-                print(
-                    "| %s | %d | %d | %d | %.2fx | %.2fx |"
-                    % (name, noop, was, mine, mine / noop, mine / was)
-                )
-        else:
-            print("| case | no-op (floor) | rabbitguard egress | vs floor |")
-            print("|---|---:|---:|---:|")
-            for name, noop, mine in egress_rows:
-                print("| %s | %d | %d | %.2fx |" % (name, noop, mine, mine / noop))
+        print_table(
+            egress_rows, ["no-op (floor)", "rabbitguard egress"], ["floor"], before=old_egress
+        )
 
         print("\nMean ns per packet, repeat loop of %d (stateless paths only)\n" % args.repeat)
         print("| case | no-op (floor) | naive limiter | rabbitguard | vs floor |")

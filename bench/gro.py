@@ -3,6 +3,7 @@
 naive first-frame limiter, side by side in one run.
 
     sudo .venv/bin/python bench/gro.py [--seconds S] [--body N ...] [--tso on|off]
+        [--rounds R] [--no-strict] [--before TEMPLATE ...]
 
 BPF_PROG_TEST_RUN takes at most one page of packet data, so 64 KiB segments cannot be fed
 to it. Here a client in the root namespace publishes large messages (131072-byte AMQP body
@@ -18,6 +19,16 @@ host NIC. The limiter runs in both modes: default and strict, which drops a segm
 arrives ahead of the stream where a frame header may start so that TCP sends it again in
 order. The second table gives what that costs the publisher: its throughput and its TCP's
 retransmissions (tcpi_total_retrans), per program, and the limiter's counters.
+
+With --before TEMPLATE (repeatable) the limiter rendered from each older template (e.g.
+`git show main:files/bpf/rabbit_limiter.c.j2 > /tmp/before.c.j2`) is measured beside the
+current one, in default mode. With --rounds R every program runs R times, in rotating order,
+and its run time and run count are summed. frames/pkt counts the AMQP frames the publisher
+sent (method, content header and body frames) per program run, and ns/frame is the
+run time over them: the per-frame cost of the walk on paged data. With more than one round,
+a limiter's round in which it missed frames (its connection went adrift after a loss, and
+segments passed unwalked) is left out of its run time, run count and frames, and counted
+beside its retransmissions (one per round).
 """
 
 import argparse
@@ -77,6 +88,9 @@ def setup():
     sh("ip", "-n", NETNS, "addr", "add", BROKER + "/24", "dev", "eth0")
     sh("ip", "-n", NETNS, "link", "set", "eth0", "up")
     sh("ip", "-n", NETNS, "link", "set", "lo", "up")
+    # GRO on the namespace's end: with the sender's TSO off, veth then delivers through NAPI
+    # and GRO merges the segments into packets of up to 64 KiB, as a host NIC's driver does.
+    sh("ip", "netns", "exec", NETNS, "ethtool", "-K", "eth0", "gro", "on")
     return subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c", SINK])
 
 
@@ -110,6 +124,8 @@ def publisher(stop, body_size, result):
         except OSError:
             time.sleep(0.1)
     message = amqp.publish(1, b"\x00" * body_size)
+    result["message_len"] = len(message)
+    result["message_frames"] = count_frames(message)
     conn.sendall(amqp.PROTOCOL_HEADER + amqp.channel_open(1))
     burst = message * max(1, (4 << 20) // len(message))
     sent = 0
@@ -123,6 +139,15 @@ def publisher(stop, body_size, result):
     result["bytes"] = sent
     result["retrans"] = struct.unpack_from("I", info, TCPI_TOTAL_RETRANS)[0]
     conn.close()
+
+
+def count_frames(data):
+    """AMQP frames in data (whole frames: type u8, channel u16, size u32, payload, end)."""
+    n = pos = 0
+    while pos < len(data):
+        pos += 8 + struct.unpack_from(">I", data, pos + 3)[0]
+        n += 1
+    return n
 
 
 def measure(prog_fd, seconds, body_size):
@@ -144,10 +169,13 @@ def measure(prog_fd, seconds, body_size):
     ns = after["run_time_ns"] - before["run_time_ns"]
     mib_s = result.get("bytes", 0) / elapsed / (1 << 20)
     retrans = "stalled" if result.get("stalled") else "%d" % result.get("retrans", 0)
-    return ns / max(runs, 1), runs, mib_s, retrans
+    frames = (
+        result.get("message_frames", 0) * result.get("bytes", 0) // result.get("message_len", 1)
+    )
+    return ns, runs, frames, mib_s, retrans
 
 
-COUNTERS = ("amqp_segments", "unparsed", "held", "resyncs", "consumes_refused")
+COUNTERS = ("amqp_segments", "unparsed", "missed", "held", "resyncs", "consumes_refused")
 
 
 def main():
@@ -157,20 +185,75 @@ def main():
         "--body", type=int, nargs="+", default=[1 << 20, 200], help="message body bytes"
     )
     parser.add_argument("--tso", choices=("on", "off"), default="on")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per program, rotating")
+    parser.add_argument("--no-strict", action="store_true", help="leave strict mode out")
+    parser.add_argument(
+        "--before",
+        metavar="TEMPLATE",
+        action="append",
+        default=[],
+        help="also measure the limiter rendered from this (older) template; repeatable",
+    )
     args = parser.parse_args()
 
+    limiters = []
+    try:
+        for path in args.before:
+            limiters.append(
+                ("before (%s)" % os.path.basename(path), Dataplane(3, "drop", template_path=path))
+            )
+        limiters.append(("rabbitguard", Dataplane(limit=3, action="drop")))
+        if not args.no_strict:
+            limiters.append(("rabbitguard strict", Dataplane(3, "drop", strict=True)))
+        rows = run(args, limiters)
+    finally:
+        for _name, dp in limiters:
+            dp.close()
+
+    print(
+        "Real traffic: one connection publishing for %.0f s per program and message size;"
+        " %d round(s); veth TSO %s on the sender (%s)"
+        % (args.seconds, args.rounds, args.tso, "reorders" if args.tso == "on" else "in order")
+    )
+    print("(kernel.bpf_stats_enabled run time / run count)\n")
+    print(
+        "| body B | program | ns per packet | packets | vs floor | frames/pkt | ns/frame "
+        "| MiB/s | retransmissions | %s |" % " | ".join(COUNTERS)
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|%s" % ("---:|" * len(COUNTERS)))
+    floor = {}
+    for body, name, ns, runs, frames, mib_s, retrans, counters in rows:
+        per_packet = ns / max(runs, 1)
+        floor.setdefault(body, per_packet)
+        print(
+            "| %d | %s | %.0f | %d | %.2fx | %.1f | %.1f | %.0f | %s | %s |"
+            % (
+                body,
+                name,
+                per_packet,
+                runs,
+                per_packet / floor[body],
+                frames / max(runs, 1),
+                ns / max(frames, 1),
+                mib_s,
+                retrans,
+                " | ".join("%d" % counters[k] if counters else "-" for k in COUNTERS),
+            )
+        )
+
+
+def run(args, limiters):
+    """Each program measured on each message size, args.rounds times in rotating order:
+    rows of (body, name, run time ns, runs, frames sent, MiB/s, retransmissions, counters),
+    summed over the rounds (MiB/s: the mean, retransmissions: each round's, joined)."""
     with open(STATS) as f:
         stats_before = f.read().strip()
-    ours = Dataplane(limit=3, action="drop")
-    strict = Dataplane(limit=3, action="drop", strict=True)
     with open(os.path.join(ROOT, "bench", "naive_limiter.c")) as f:
         base = BPF(text=f.read().encode())
     programs = [
         ("no-op (floor)", base.load_func(b"noop", BPF.SCHED_CLS).fd, None),
         ("naive limiter", base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd, None),
-        ("rabbitguard", ours.function.fd, ours),
-        ("rabbitguard strict", strict.function.fd, strict),
-    ]
+    ] + [(name, dp.function.fd, dp) for name, dp in limiters]
     sink = None
     rows = []
     try:
@@ -179,47 +262,38 @@ def main():
         with open(STATS, "w") as f:
             f.write("1")
         for body in args.body:
-            for name, fd, dp in programs:
-                if dp is not None:
-                    dp.reset_state()
-                ns, runs, mib_s, retrans = measure(fd, args.seconds, body)
-                counters = dp.counters() if dp is not None else None
-                rows.append((body, name, ns, runs, mib_s, retrans, counters))
+            sums = {name: [0, 0, 0, 0.0, [], None, 0] for name, _fd, _dp in programs}
+            for r in range(args.rounds):
+                order = programs[r % len(programs) :] + programs[: r % len(programs)]
+                for name, fd, dp in order:
+                    if dp is not None:
+                        dp.reset_state()
+                    ns, runs, frames, mib_s, retrans = measure(fd, args.seconds, body)
+                    s = sums[name]
+                    s[3] += mib_s / args.rounds
+                    s[4].append(retrans)
+                    if dp is not None:
+                        counters = dp.counters()
+                        print("    %s, body %d: %s" % (name, body, counters), file=sys.stderr)
+                        s[5] = {k: counters[k] + (s[5][k] if s[5] else 0) for k in COUNTERS}
+                        if counters["missed"] and args.rounds > 1:
+                            # Segments passed unwalked (the connection went adrift after a
+                            # loss) make a round cheaper than the walk: left out of the time.
+                            s[6] += 1
+                            continue
+                    s[0] += ns
+                    s[1] += runs
+                    s[2] += frames
+            for name, _fd, _dp in programs:
+                ns, runs, frames, mib_s, retrans, counters, left_out = sums[name]
+                retrans = "/".join(retrans) + (" (%d left out)" % left_out if left_out else "")
+                rows.append((body, name, ns, runs, frames, mib_s, retrans, counters))
     finally:
         with open(STATS, "w") as f:
             f.write(stats_before)
         teardown(sink)
         base.cleanup()
-        ours.close()
-        strict.close()
-
-    print(
-        "Real traffic: one connection publishing for %.0f s per program and message size;"
-        " veth TSO %s on the sender (%s)"
-        % (args.seconds, args.tso, "reorders" if args.tso == "on" else "in order")
-    )
-    print("(kernel.bpf_stats_enabled run time / run count)\n")
-    print(
-        "| body B | program | ns per packet | packets | vs floor | MiB/s | retransmissions "
-        "| %s |" % " | ".join(COUNTERS)
-    )
-    print("|---:|---|---:|---:|---:|---:|---:|%s" % ("---:|" * len(COUNTERS)))
-    floor = {}
-    for body, name, ns, runs, mib_s, retrans, counters in rows:
-        floor.setdefault(body, ns)
-        print(
-            "| %d | %s | %.0f | %d | %.2fx | %.0f | %s | %s |"
-            % (
-                body,
-                name,
-                ns,
-                runs,
-                ns / floor[body],
-                mib_s,
-                retrans,
-                " | ".join("%d" % counters[k] if counters else "-" for k in COUNTERS),
-            )
-        )
+    return rows
 
 
 if __name__ == "__main__":

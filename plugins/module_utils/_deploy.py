@@ -18,6 +18,8 @@ __metaclass__ = type
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, cast
 
@@ -248,21 +250,31 @@ def pick_interfaces(tc: _tc.Tc, requested: list[str] | None, netns: str | None) 
 
 
 class Undo:
-    """What one deploy changed and how to put it back: the programs that were attached (held
-    open by fd, so that they can be attached again), the walk_more slot, the config and
-    overrides, the pins and the clsact qdisc this deploy made.
+    """What one deploy or removal changed and how to put it back: the programs that were
+    attached (held open by fd, so that they can be attached again), the walk_more slots,
+    the config and overrides, the pins and the clsact qdisc this deploy made; for a removal
+    (removal=True) also every pin (_pins.HeldPins) and whether it dropped the clsact qdisc.
 
     Taken before anything is touched; restore() brings the interface back to that state
-    (the same program ids on both hooks and in walk_more, the same pins); close() drops the
-    fds once the run has succeeded.
+    (the same program ids on both hooks and in walk_more, the same pinned maps); close()
+    drops the fds once the run is over. tc is None where the namespace is gone (pins only).
     """
 
-    def __init__(self, tc: _tc.Tc, ifname: str, pin: str, observed: Observation) -> None:
+    def __init__(
+        self,
+        tc: _tc.Tc | None,
+        ifname: str,
+        pin: str,
+        observed: Observation,
+        removal: bool = False,
+    ) -> None:
         self.tc, self.ifname, self.pin = tc, ifname, pin
         self.new_pins = _pins.missing(pin)
         self.config = observed.get("config")
         self.created_clsact = False
+        self.dropped_clsact = False
         self.fds: list[int] = []
+        self.held = _pins.HeldPins(pin) if removal else None
         # The bpf filters (ours or anyone's, for all protocols: those attach swaps in place)
         # that were in the two slots: (fd, name) or None.
         self.ingress = self._hold_filter(observed.get("filter"))
@@ -279,7 +291,7 @@ class Undo:
         # Filters _clear_foreign deleted: no program to put back (reported on failure).
         self.lost: list[str] = []
 
-    def _hold(self, prog_id: int) -> int | None:
+    def _hold(self, prog_id: int) -> int | None:  # None: the program is gone
         try:
             fd = _bpfsys.prog_get_fd_by_id(prog_id)
         except LimiterError:
@@ -301,10 +313,11 @@ class Undo:
             if hook == "ingress"
             else (_constants.EGRESS_FILTER_PREF, _constants.EGRESS_FILTER_HANDLE)
         )
+        tc = cast(_tc.Tc, self.tc)  # only called where the namespace is there
         if held is not None:
-            self.tc.attach(self.ifname, held[0], held[1], pref, handle, hook)
-        elif _plan.is_ours(self.tc.find_filter(self.ifname, pref, handle, hook)):
-            self.tc.detach(self.ifname, pref, handle, hook)
+            tc.attach(self.ifname, held[0], held[1], pref, handle, hook)
+        elif _plan.is_ours(tc.find_filter(self.ifname, pref, handle, hook)):
+            tc.detach(self.ifname, pref, handle, hook)
 
     def restore(self) -> list[str]:
         """Put the interface back as it was; what could not be put back (empty: all was)."""
@@ -316,7 +329,12 @@ class Undo:
             except Exception as e:  # every step is tried, whatever the others do
                 failed.append("%s: %s" % (what, e))
 
-        if self.tc.interface_exists(self.ifname):
+        there = self.tc is not None and self.tc.interface_exists(self.ifname)
+        if self.held is not None:
+            step("pins", self.held.repin)
+        if there and self.dropped_clsact:
+            step("clsact qdisc", cast(_tc.Tc, self.tc).ensure_clsact, self.ifname)
+        if there:
             step("ingress filter", self._slot, self.ingress, "ingress")
         if _pins.CONTINUATION_ARRAY not in self.new_pins:
             if self.more is not None:
@@ -328,15 +346,15 @@ class Undo:
                 step("overrides", _overrides.sync, self.pin, self.config.get("overrides") or [])
             if "config" not in self.new_pins:
                 step("config", self._write_old_config)
-        if self.tc.interface_exists(self.ifname):
+        if there:
             step("egress filter", self._slot, self.egress, "egress")
         if _pins.CONTINUATION_ARRAY not in self.new_pins:
             if self.egress_more is not None:
                 step("walk_more egress slot", _compile.fill_egress_slot, self.pin, self.egress_more)
             else:
                 step("walk_more egress slot", self._empty_continuation, _compile.EGRESS_MORE_SLOT)
-            if self.created_clsact:
-                step("clsact qdisc", self.tc.remove_clsact_if_empty, self.ifname)
+            if there and self.created_clsact:
+                step("clsact qdisc", cast(_tc.Tc, self.tc).remove_clsact_if_empty, self.ifname)
         if len(self.new_pins) == len(_layout.MAP_NAMES):
             step("pins", _pins.unpin_interface, self.pin)  # nothing was here: no directory
         elif self.new_pins:
@@ -358,6 +376,8 @@ class Undo:
         for fd in self.fds:
             _bpfsys.close(fd)
         self.fds = []
+        if self.held is not None:
+            self.held.close()
 
 
 def deploy(
@@ -453,8 +473,8 @@ def rolled_back(error: Exception, undos: list[tuple[str, Undo]]) -> Exception:
     msg = getattr(error, "msg", None) or str(error)
     return LimiterError(
         "%s; putting things back as they were failed, so the host is NOT as before the run: "
-        "%s (state=present again repairs it; rabbit_tc_limit_info shows the drift)"
-        % (msg, " | ".join(left)),
+        "%s (once the cause is fixed, the same task again finishes the job; rabbit_tc_limit_info "
+        "shows the drift)" % (msg, " | ".join(left)),
         {"not_restored": left},
     )
 
@@ -482,8 +502,10 @@ def _clear_foreign(
     return True
 
 
-def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
-    """Detach our filter, drop the clsact qdisc if we made it and it is empty, unpin."""
+def remove(tc: _tc.Tc, ifname: str, observed: Observation, undo: Undo) -> None:
+    """Detach our pair, drop the clsact qdisc if we made it and it is empty, unpin (this
+    layout's pins and older ones'). undo: taken before, with removal=True (the caller puts
+    the interface back with it when this or a later step of the run fails)."""
     if observed.get("exists"):
         if _plan.is_ours(observed.get("filter")):
             tc.detach(ifname, _constants.FILTER_PREF, _constants.FILTER_HANDLE)
@@ -492,9 +514,46 @@ def remove(tc: _tc.Tc, ifname: str, observed: Observation) -> None:
                 ifname, _constants.EGRESS_FILTER_PREF, _constants.EGRESS_FILTER_HANDLE, "egress"
             )
         if (observed.get("config") or {}).get("created_clsact"):
-            tc.remove_clsact_if_empty(ifname)
+            undo.dropped_clsact = tc.remove_clsact_if_empty(ifname)
     _pins.unpin_interface(observed["pin_dir"])
     _pins.unpin_other_layouts(observed["pin_dir"])
+
+
+class Changes:
+    """What one run changed, kept until it is over: the Undo of every interface it touched
+    (put back last first when a later step fails), the netlink sockets of the namespaces
+    they are in, and the outcomes, reported only once every step succeeded."""
+
+    def __init__(self) -> None:
+        self.undos: list[tuple[str, Undo]] = []
+        self.outcomes: list[Outcome] = []
+        self.sockets = ExitStack()
+
+    def open_netns(self, netns: str | None) -> _tc.Tc:
+        """A Tc for netns that stays open until the run is over (see _tc.open_netns)."""
+        return self.sockets.enter_context(_tc.open_netns(netns))
+
+    def undo(self, label: str, *args: Any, **kwargs: Any) -> Undo:
+        """Take an Undo (Undo's arguments) before changing an interface."""
+        undo = Undo(*args, **kwargs)
+        self.undos.append((label, undo))
+        return undo
+
+
+@contextmanager
+def all_or_nothing(result: ApplyResult) -> Iterator[Changes]:
+    """The changes of one run: a failure anywhere in it puts back everything it changed
+    (rolled_back) and raises; else the outcomes go to result."""
+    changes = Changes()
+    with changes.sockets:
+        try:
+            yield changes
+        except Exception as e:
+            raise rolled_back(e, changes.undos) from e
+        finally:
+            for _label, undo in changes.undos:
+                undo.close()
+    result.outcomes += changes.outcomes
 
 
 # -- the apply path ----------------------------------------------------------------------------
@@ -531,8 +590,9 @@ def apply(
         if present:
             _present(params, cast(str, template), check_mode, deadline, result)
         elif params["interfaces"] is None and params["netns"] is None:
-            for ns_key in _pins.pinned_namespaces(params["pin_dir"]):
-                _absent_namespace(params["pin_dir"], ns_key, check_mode, result)
+            with all_or_nothing(result) as changes:  # every namespace or none
+                for ns_key in _pins.pinned_namespaces(params["pin_dir"]):
+                    _absent_namespace(params["pin_dir"], ns_key, check_mode, changes)
         else:
             _absent(params, check_mode, result)
     return result
@@ -571,8 +631,13 @@ def _present(
             if tree is not None:
                 os.environ["BCC_KERNEL_SOURCE"] = tree
         seeder = _seed.Seeder(tc, params)
-        _act(tc, ns_key, actions, observed, desired, sources, check_mode, result, seeder)
+        with all_or_nothing(result) as changes:
+            _act(tc, ns_key, actions, observed, desired, sources, check_mode, changes, seeder)
         result.warnings += seeder.warnings
+        for outcome in changes.outcomes:
+            if outcome.compiled and outcome.pin_dir:
+                # The pins of an older release's layout: its program was just replaced.
+                _pins.unpin_other_layouts(outcome.pin_dir)
 
 
 def _label(ns_key: str, ifname: str) -> str:
@@ -587,16 +652,18 @@ def _absent(params: Params, check_mode: bool, result: ApplyResult) -> None:
             raise LimiterError(_gone_path_message(pin_root, netns))
         # A named namespace that is gone: its filters went with it, its pins are left.
         ns_key = _names.namespace_key(netns)
-        _absent_namespace(pin_root, ns_key, check_mode, result, params["interfaces"])
+        with all_or_nothing(result) as changes:
+            _absent_namespace(pin_root, ns_key, check_mode, changes, params["interfaces"])
         return
     ns_key = _names.namespace_key(netns)
-    with _tc.open_netns(netns) as tc:
+    with all_or_nothing(result) as changes:
+        tc = changes.open_netns(netns)
         ifnames = params["interfaces"]
         if ifnames is None:
             ifnames = _pins.pinned_interfaces(pin_root, ns_key)
         observed = observe(tc, pin_root, ns_key, ifnames)
         observed = {i: o for i, o in observed.items() if i in ifnames}
-        _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, result)
+        _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, changes)
 
 
 def _gone_path_message(pin_root: str, netns: str) -> str:
@@ -619,22 +686,22 @@ def _absent_namespace(
     pin_root: str,
     ns_key: str,
     check_mode: bool,
-    result: ApplyResult,
+    changes: Changes,
     interfaces: list[str] | None = None,
 ) -> None:
     """Remove the limiter from one namespace the pins name; it may be gone already."""
     found, netns = _names.resolve_namespace(ns_key)
     if found:
-        with _tc.open_netns(netns) as tc:
-            observed = observe(tc, pin_root, ns_key, [])
-            _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, result)
+        tc = changes.open_netns(netns)
+        observed = observe(tc, pin_root, ns_key, [])
+        _act(tc, ns_key, _plan.plan(observed, {}), observed, {}, {}, check_mode, changes)
         return
     # The namespace (and its filters) no longer exist: only the pins are left to remove.
     for ifname in _pins.pinned_interfaces(pin_root, ns_key):
         if interfaces is not None and ifname not in interfaces:
             continue
         pin = _names.pin_dir(pin_root, ns_key, ifname)
-        result.outcomes.append(
+        changes.outcomes.append(
             Outcome(
                 namespace=ns_key,
                 interface=ifname,
@@ -645,6 +712,7 @@ def _absent_namespace(
             )
         )
         if not check_mode:
+            changes.undo(_label(ns_key, ifname), None, ifname, pin, {}, removal=True)
             _pins.unpin_interface(pin)
 
 
@@ -656,12 +724,12 @@ def _act(
     desired: dict[str, Desired],
     sources: dict[str, str],
     check_mode: bool,
-    result: ApplyResult,
+    changes: Changes,
     prime: Any = None,
 ) -> None:
-    """Do the actions: builds first, then overrides updates, then removals. A failure puts
-    every interface this run changed back as it was (see Undo) and raises; the outcomes
-    are added to result only once every action succeeded."""
+    """Do the actions: builds first, then overrides updates, then removals, each interface
+    after taking its Undo in changes (see all_or_nothing: a failure puts every interface
+    the run changed back as it was)."""
     outcomes = []
     for ifname, (action, reason) in sorted(actions.items()):
         seen = observed.get(ifname, {})
@@ -680,38 +748,23 @@ def _act(
                 pin_dir=want["config"]["pin_dir"] if want else seen.get("pin_dir"),
             )
         )
+    changes.outcomes += outcomes
     if check_mode:
-        result.outcomes += outcomes
         return
-    order = (BUILDS, (_plan.UPDATE,), (_plan.REMOVE,))
-    undos: list[tuple[str, Undo]] = []
-    try:
-        for kinds in order:
-            for outcome in outcomes:
-                ifname = outcome.interface
-                seen, want = observed.get(ifname, {}), desired.get(ifname)
-                if outcome.action not in kinds:
-                    continue
-                if outcome.action in BUILDS and want is not None:
-                    undo = Undo(tc, ifname, want["config"]["pin_dir"], seen)
-                    undos.append((_label(ns_key, ifname), undo))
-                    outcome.program_id = deploy(
-                        tc, ifname, sources[ifname], want, seen, prime, undo
-                    )
-                    outcome.compiled = True
-                elif outcome.action == _plan.UPDATE and want is not None:
-                    undo = Undo(tc, ifname, want["config"]["pin_dir"], seen)
-                    undos.append((_label(ns_key, ifname), undo))
-                    _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
-                elif outcome.action == _plan.REMOVE:
-                    remove(tc, ifname, seen)
-    except Exception as e:
-        raise rolled_back(e, undos) from e
-    finally:
-        for _name, undo in undos:
-            undo.close()
-    for outcome in outcomes:
-        if outcome.compiled and outcome.pin_dir:
-            # The pins of an older release's layout: its program was just replaced.
-            _pins.unpin_other_layouts(outcome.pin_dir)
-    result.outcomes += outcomes
+    for kinds in (BUILDS, (_plan.UPDATE,), (_plan.REMOVE,)):
+        for outcome in outcomes:
+            ifname = outcome.interface
+            seen, want = observed.get(ifname, {}), desired.get(ifname)
+            label = _label(ns_key, ifname)
+            if outcome.action not in kinds:
+                continue
+            if outcome.action in BUILDS and want is not None:
+                undo = changes.undo(label, tc, ifname, want["config"]["pin_dir"], seen)
+                outcome.program_id = deploy(tc, ifname, sources[ifname], want, seen, prime, undo)
+                outcome.compiled = True
+            elif outcome.action == _plan.UPDATE and want is not None:
+                changes.undo(label, tc, ifname, want["config"]["pin_dir"], seen)
+                _overrides.sync(want["config"]["pin_dir"], want["config"]["overrides"])
+            elif outcome.action == _plan.REMOVE:
+                undo = changes.undo(label, tc, ifname, seen["pin_dir"], seen, removal=True)
+                remove(tc, ifname, seen, undo)

@@ -16,6 +16,7 @@ import ctypes
 import datetime
 import errno
 import os
+import stat
 import struct
 import time
 from typing import Any
@@ -179,15 +180,15 @@ def unpin_interface(pin: str) -> None:
             raise LimiterError("removing %s: %s" % (directory, e.strerror)) from e
 
 
-def unpin_other_layouts(pin: str) -> list[str]:
-    """Remove this interface's pins of other layout versions (<pin root>/v<N>/<namespace>/
+def other_layouts(pin: str) -> list[str]:
+    """This interface's pin directories of other layout versions (<pin root>/v<N>/<namespace>/
     <interface>, N not ours): a release with another layout left them, and their maps stay
     in the kernel for as long as the pins do. A directory a user could have made (see
-    check_tree) is left alone. Returns the directories removed."""
+    check_tree) is left out."""
     ns_dir = os.path.dirname(pin)
     layout = os.path.dirname(ns_dir)
     pin_root = os.path.dirname(layout)
-    removed = []
+    found = []
     for name in sorted(_listdir(pin_root)):
         if name == os.path.basename(layout) or not (name[:1] == "v" and name[1:].isdigit()):
             continue
@@ -200,9 +201,73 @@ def unpin_other_layouts(pin: str) -> list[str]:
                 _host.check_private_dir(directory, "the pin directory")
         except LimiterError:
             continue
+        found.append(other)
+    return found
+
+
+def unpin_other_layouts(pin: str) -> list[str]:
+    """Remove the pins of other_layouts(pin); returns the directories removed."""
+    removed = other_layouts(pin)
+    for other in removed:
         unpin_interface(other)
-        removed.append(other)
     return removed
+
+
+class HeldPins:
+    """Every object pinned for one interface (in pin and in other_layouts(pin)), held open
+    by fd, and the directories they sit in up to the pin root, with their modes: taken
+    before a removal, so that a failure can pin the very same maps and program arrays again
+    (repin). An open fd keeps a map and what it holds (counters, connections, walk_more's
+    slots), so nothing of it is lost in between. close() once the run is over."""
+
+    def __init__(self, pin: str) -> None:
+        self.dirs: dict[str, int] = {}  # path: mode, parents first
+        self.objects: list[tuple[str, int]] = []  # (path, fd)
+        try:
+            for directory in [pin] + other_layouts(pin):
+                self._hold(directory)
+        except Exception:
+            self.close()
+            raise
+
+    def _hold(self, directory: str) -> None:
+        # The interface's directory, its namespace's, the layout's and the pin root.
+        parents = [directory]
+        for _level in range(3):
+            parents.append(os.path.dirname(parents[-1]))
+        for path in reversed(parents):
+            if path not in self.dirs and os.path.isdir(path):
+                self.dirs[path] = stat.S_IMODE(os.lstat(path).st_mode)
+        for name in sorted(_listdir(directory)):
+            path = os.path.join(directory, name)
+            if not os.path.isdir(path):  # bpffs holds pinned objects and directories only
+                self.objects.append((path, _bpfsys.obj_get(path)))
+
+    def repin(self) -> None:
+        """Make the directories that went (with their modes) and pin what was unpinned;
+        every object is tried, and the error names each that could not be pinned."""
+        for path, mode in self.dirs.items():
+            if os.path.isdir(path):
+                continue
+            try:
+                os.mkdir(path, mode)
+                os.chmod(path, mode)  # as it was, whatever the umask
+            except OSError as e:
+                raise LimiterError("making %s again: %s" % (path, e.strerror)) from e
+        failed = []
+        for path, fd in self.objects:
+            try:
+                if not os.path.lexists(path):
+                    _bpfsys.obj_pin(fd, path)
+            except LimiterError as e:
+                failed.append(str(e))
+        if failed:
+            raise LimiterError("; ".join(failed))
+
+    def close(self) -> None:
+        for _path, fd in self.objects:
+            _bpfsys.close(fd)
+        self.objects = []
 
 
 # -- what the data plane knows ----------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import absolute_import, annotations, division, print_function
 
 __metaclass__ = type
 
-import base64
-import bz2
 import hashlib
 import os
 import re
@@ -114,33 +112,6 @@ def default_template_path() -> str:
 def read_template(path: str | None = None) -> str:
     with open(path or default_template_path()) as handle:
         return handle.read()
-
-
-# The template travels to the managed host as a module argument (the action plugin's
-# _template), compressed: ansible-core's respawn_module (into the system Python, for BCC)
-# writes the whole module payload into a pipe before it starts the child that reads it, so a
-# payload over the pipe's 64 KiB hangs the module for ever (ansible-core 2.17 to 2.19). The
-# plain template is over 64 KiB; packed, under a third of that. bz2 rather than zlib: C text
-# with long comments packs about a sixth smaller (28 KiB against 34 KiB for the 90 KiB
-# template of the read-ahead walk), which keeps it under half the pipe.
-PACKED_PREFIX = "bz2+base64:"
-
-
-def pack_template(text: str) -> str:
-    """The template as the action plugin sends it."""
-    return PACKED_PREFIX + base64.b64encode(bz2.compress(text.encode("utf-8"), 9)).decode("ascii")
-
-
-def unpack_template(value: str) -> str:
-    """The template text from pack_template's form (plain text is taken as it is)."""
-    if not value.startswith(PACKED_PREFIX):
-        return value
-    try:
-        return bz2.decompress(base64.b64decode(value[len(PACKED_PREFIX) :])).decode("utf-8")
-    except (ValueError, OSError) as e:
-        raise ConfigError(
-            "the classifier template sent by the action plugin is damaged: %s" % e
-        ) from e
 
 
 def render(config: dict[str, Any], template_text: str) -> str:

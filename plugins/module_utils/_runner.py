@@ -62,8 +62,15 @@ def check_root(module: Any) -> None:
 
 
 def _template(params: dict[str, Any]) -> str:
-    if params.get("_template"):
-        return _render.unpack_template(str(params["_template"]))
+    path = params.get("_template_path")
+    if path:
+        try:
+            return _render.read_template(str(path))
+        except OSError as e:
+            raise LimiterError(
+                "the classifier template the action plugin sent cannot be read (%s): run the "
+                "task again" % e
+            ) from e
     # Without the action plugin (a module test, a direct run from the collection tree).
     try:
         return _render.read_template()

@@ -50,7 +50,7 @@ attributes:
     platforms: posix
   action:
     support: full
-    details: The action plugin sends the classifier's C template from the collection.
+    details: The action plugin copies the classifier's C template from the collection to the host.
   async:
     support: none
   bypass_host_loop:
@@ -188,8 +188,10 @@ notes:
     and it holds no other filter.
   - Filters and pins do not survive a reboot; the C(rabbitguard.limiter.tc_limiter) role
     installs a boot-time unit that re-attaches the limiter.
-  - A run that fails half-way puts every interface it changed back as it was (the previous
-    ingress and egress programs, walk_more slots, config, overrides and pins). If something
+  - A run that fails half-way (a deploy, replace, overrides update or removal) puts every
+    interface and namespace it changed back as it was (the previous ingress and egress
+    programs, walk_more slots, config, overrides and pins; a removal pins the very same maps
+    again, so counters and tracked connections are kept). If something
     cannot be put back (for example a foreign non-BPF filter the run had to delete from the
     limiter's slot), the module fails and its message says that the host is not as before
     and what is left; running it again repairs the drift.
@@ -300,8 +302,9 @@ def build_module():
                 ),
             ),
             # Internal, not a user option (so not in DOCUMENTATION): the action plugin sends
-            # the classifier's template, read from the collection on the controller.
-            _template=dict(type="str", no_log=True),
+            # the path of the classifier's template, copied from the collection on the
+            # controller into the task's remote temporary directory.
+            _template_path=dict(type="str"),
         ),
         supports_check_mode=True,
     )

@@ -65,7 +65,7 @@ def test_module_documentation_states_the_constants():
     assert options["frame_max"]["default"] == C.DEFAULT_FRAME_MAX
     assert options["pin_dir"]["default"] == C.DEFAULT_PIN_ROOT
     assert options["lock_timeout"]["default"] == C.DEFAULT_LOCK_TIMEOUT
-    assert "_template" not in options  # internal: sent by the action plugin
+    assert "_template_path" not in options  # internal: set by the action plugin
     notes = " ".join(yaml.safe_load(rabbit_tc_limit.DOCUMENTATION)["notes"])
     assert "pref %d, handle 0x%x" % (C.FILTER_PREF, C.FILTER_HANDLE) in notes
     assert _doc_options(rabbit_tc_limit_info)["pin_dir"]["default"] == C.DEFAULT_PIN_ROOT

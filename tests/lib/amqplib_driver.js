@@ -37,7 +37,9 @@ async function handle(cmd) {
       return ok.consumerTag;
     }
     case 'cancel':
-      return (await channels.get(cmd.channel).cancel(cmd.tag)).consumerTag;
+      // amqplib 0.10's cancel() resolves to nothing (its cancel-ok is not returned).
+      await channels.get(cmd.channel).cancel(cmd.tag);
+      return cmd.tag;
     case 'close_channel': {
       const ch = channels.get(cmd.channel);
       channels.delete(cmd.channel);

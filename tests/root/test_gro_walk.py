@@ -18,141 +18,35 @@ skb->data_len, so the test itself proves that a counted consume sat behind 2000+
 one paged GRO packet (and fails, after a few tries, if GRO did not merge).
 """
 
-import contextlib
-import ctypes
-import os
-import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
-import uuid
-from contextlib import contextmanager
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
-    _deploy,
-    _names,
-    _render,
-    _tc,
-)
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
 from tests.lib import amqp
 
-from .sites import describe, module_params, sh
+from .sites import (
+    CLIENT,
+    PORT,
+    SERVER,
+    SERVER_IF,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    TCP_SYN,
+    Recorder,
+    entered,
+    made_pair,
+    packet_at,
+)
 
 pytestmark = pytest.mark.bpf
 
-SUBNET, CLIENT, SERVER = "198.18.250.0/24", "198.18.250.1", "198.18.250.2"
-CLIENT_IF, SERVER_IF = "rggro-c0", "rggro-s0"
-PORT = C.DEFAULT_PORT
 LIMIT = 2
 ATTEMPTS = 5
 DEEP = 2000  # frames ahead of a counted consume in its own packet: 8 tail calls at least
-RECORDS = 16384
-RECORDER_PREF, RECORDER_HANDLE = 1, 0x7267  # before ours (C.FILTER_PREF); returns UNSPEC
-
-RECORDER = r"""
-#include <uapi/linux/bpf.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/tcp.h>
-
-struct rec {
-    __u32 len;
-    __u32 data_len;
-    __u32 flags;  /* TCP flags, and the header length (Ethernet to TCP options) above */
-};
-BPF_HASH(recs, __u32, struct rec, %(records)d);  /* by sequence number */
-
-int record(struct __sk_buff *skb)
-{
-    if (skb->protocol != bpf_htons(ETH_P_IP))
-        return TC_ACT_UNSPEC;
-    struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.protocol != IPPROTO_TCP)
-        return TC_ACT_UNSPEC;
-    __u8 tcp[14];
-    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, tcp, sizeof(tcp)) < 0)
-        return TC_ACT_UNSPEC;
-    if (((tcp[2] << 8) | tcp[3]) != %(port)d)
-        return TC_ACT_UNSPEC;
-    __u32 seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
-    struct rec r = {};
-    r.len = skb->len;
-    long head = (long)skb->data_end - (long)skb->data;  /* the linear part */
-    asm volatile("" : "+r"(head));  /* subtract the pointers first (root may) */
-    r.data_len = skb->len - (__u32)head;  /* the rest sits in page fragments */
-    r.flags = tcp[13] | ((ETH_HLEN + ip.ihl * 4 + (tcp[12] >> 4) * 4) << 8);
-    recs.update(&seq, &r);
-    return TC_ACT_UNSPEC;
-}
-""" % {"records": RECORDS, "port": PORT}
-TCP_SYN = 0x02
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket
-
-
-@contextmanager
-def entered(netns):
-    """This thread in network namespace netns (sockets made here stay there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    target = os.open("/run/netns/" + netns, os.O_RDONLY | os.O_CLOEXEC)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        assert libc.setns(target, 0) == 0, os.strerror(ctypes.get_errno())
-        try:
-            yield
-        finally:
-            assert libc.setns(home, 0) == 0, os.strerror(ctypes.get_errno())
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-class Pair:
-    """Two namespaces and a veth between them: client TSO off, server GRO on."""
-
-    def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.client_ns, self.server_ns = "rggro-c-" + tag, "rggro-s-" + tag
-        self.pin_root = os.path.join(C.BPFFS_ROOT, "rggro-" + tag)
-        self.pin = _names.pin_dir(self.pin_root, _names.namespace_key(self.server_ns), SERVER_IF)
-
-    def up(self):
-        c, s = self.client_ns, self.server_ns
-        sh("ip", "netns", "add", c)
-        sh("ip", "netns", "add", s)
-        sh("ip", "-n", c, "link", "add", CLIENT_IF, "type", "veth", "peer", "name", SERVER_IF)
-        sh("ip", "-n", c, "link", "set", SERVER_IF, "netns", s)
-        for ns, dev, addr, window in (
-            (c, CLIENT_IF, CLIENT, "initcwnd"),
-            (s, SERVER_IF, SERVER, "initrwnd"),
-        ):
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            # A first flight (client) and a first window (server) of 64 KiB and more.
-            sh("ip", "-n", ns, "route", "replace", SUBNET, "dev", dev, "src", addr, window, "100")
-        sh("ip", "netns", "exec", c, "ethtool", "-K", CLIENT_IF, "tso", "off")
-        sh("ip", "netns", "exec", s, "ethtool", "-K", SERVER_IF, "gro", "on")
-
-    def down(self):
-        for ns in (self.client_ns, self.server_ns):
-            subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
-        shutil.rmtree(self.pin_root, ignore_errors=True)
-
-    def params(self, **overrides):
-        mine = dict(port=PORT, limit=LIMIT, action="refuse")
-        mine.update(overrides)
-        return module_params(self.server_ns, self.pin_root, SERVER_IF, **mine)
-
-    def info(self):
-        (entry,) = describe(self.server_ns, self.pin_root, connections=True)
-        return entry
 
 
 class Sink:
@@ -199,43 +93,9 @@ class Sink:
         self.thread.join(5)
 
 
-class Record:
-    def __init__(self, seq, value):
-        self.seq, self.len, self.data_len, self.flags = seq, value.len, value.data_len, value.flags
-
-
-class Recorder:
-    """Logs skb->len and skb->data_len of every TCP packet to the port, by sequence number;
-    attached before ours on the same hook, it returns TC_ACT_UNSPEC so ours runs next."""
-
-    def __init__(self):
-        from bcc import BPF  # only /usr/bin/python3's site sees BCC (DESIGN.md)
-
-        self.bpf = BPF(text=RECORDER.encode())
-        self.fd = self.bpf.load_func(b"record", BPF.SCHED_CLS).fd
-        self.netns = None
-
-    def attach(self, netns):
-        with _tc.open_netns(netns) as tc:
-            tc.attach(SERVER_IF, self.fd, "rggro_recorder", RECORDER_PREF, RECORDER_HANDLE)
-        self.netns = netns
-
-    def clear(self):
-        self.bpf[b"recs"].clear()
-
-    def records(self):
-        return [Record(k.value, v) for k, v in self.bpf[b"recs"].items()]
-
-    def close(self):
-        if self.netns is not None:
-            with contextlib.suppress(Exception), _tc.open_netns(self.netns) as tc:
-                tc.detach(SERVER_IF, RECORDER_PREF, RECORDER_HANDLE)
-        self.bpf.cleanup()
-
-
 @pytest.fixture
 def recorder():
-    r = Recorder()  # compiled first: a BCC failure leaves nothing behind
+    r = Recorder("ingress")  # compiled first: a BCC failure leaves nothing behind
     try:
         yield r
     finally:
@@ -244,12 +104,8 @@ def recorder():
 
 @pytest.fixture
 def pair():
-    p = Pair()
-    try:
-        p.up()
+    with made_pair(limit=LIMIT) as p:
         yield p
-    finally:
-        p.down()
 
 
 def ack(tag):
@@ -281,18 +137,6 @@ def burst():
     data = b"".join(parts)
     consumes = {q: data.index(amqp.consume(1, q)) for q in (FIRST_QUEUE, SECOND_QUEUE, OVER_QUEUE)}
     return data, starts, consumes
-
-
-def packet_at(records, isn, offset):
-    """The recorded packet (its stream offset, payload bytes, data_len) holding the byte at
-    stream offset; None if none did."""
-    found = None
-    for r in records:
-        start = (r.seq - isn - 1) & 0xFFFFFFFF
-        payload = r.len - (r.flags >> 8)
-        if start <= offset < start + payload:
-            found = (start, payload, r.data_len)
-    return found
 
 
 def run_once(pair, sink, recorder, index):
@@ -342,7 +186,7 @@ def test_consumes_behind_thousands_of_frames_in_one_gro_packet_count_and_the_exc
 ):
     created = _deploy.apply(pair.params(), _render.read_template())
     assert [o.action for o in created.outcomes] == ["create"]
-    recorder.attach(pair.server_ns)
+    recorder.attach(pair.server_ns, SERVER_IF)
     sink = Sink(pair.server_ns)
     tries = []
     try:

@@ -18,29 +18,27 @@ cancel sat behind 2000+ frames in one paged GSO packet (and fails, after a few t
 was that large).
 """
 
-import contextlib
 import socket
 import threading
 import time
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render, _tc
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy, _render
 from tests.lib import amqp
 
-from .test_gro_walk import (
+from .sites import (
     CLIENT,
     PORT,
     SERVER,
     SERVER_IF,
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
-    SUBNET,
     TCP_SYN,
-    Pair,
+    Recorder,
     entered,
+    made_pair,
     packet_at,
-    sh,
 )
 
 pytestmark = pytest.mark.bpf
@@ -48,87 +46,13 @@ pytestmark = pytest.mark.bpf
 ATTEMPTS = 5
 DELIVERIES = 2000
 DEEP = 2000  # frames ahead of the cancel in its own packet: 8 tail calls at least
-RECORDER_PREF, RECORDER_HANDLE = 1, 0x7268  # before ours (C.EGRESS_FILTER_PREF)
 QUEUE = "queue-the-broker-deleted"
 AGAIN = "queue-subscribed-again-after-the-cancel"
-
-# The recorder of tests/root/test_gro_walk.py, for the broker's packets (source port).
-RECORDER = r"""
-#include <uapi/linux/bpf.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/tcp.h>
-
-struct rec {
-    __u32 len;
-    __u32 data_len;
-    __u32 flags;  /* TCP flags, and the header length (Ethernet to TCP options) above */
-};
-BPF_HASH(recs, __u32, struct rec, 16384);  /* by sequence number */
-
-int record(struct __sk_buff *skb)
-{
-    if (skb->protocol != bpf_htons(ETH_P_IP))
-        return TC_ACT_UNSPEC;
-    struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.protocol != IPPROTO_TCP)
-        return TC_ACT_UNSPEC;
-    __u8 tcp[14];
-    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, tcp, sizeof(tcp)) < 0)
-        return TC_ACT_UNSPEC;
-    if (((tcp[0] << 8) | tcp[1]) != %(port)d)
-        return TC_ACT_UNSPEC;
-    __u32 seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
-    struct rec r = {};
-    r.len = skb->len;
-    long head = (long)skb->data_end - (long)skb->data;  /* the linear part */
-    asm volatile("" : "+r"(head));
-    r.data_len = skb->len - (__u32)head;  /* the rest sits in page fragments */
-    r.flags = tcp[13] | ((ETH_HLEN + ip.ihl * 4 + (tcp[12] >> 4) * 4) << 8);
-    recs.update(&seq, &r);
-    return TC_ACT_UNSPEC;
-}
-""" % {"port": PORT}
-
-
-class Recorder:
-    def __init__(self):
-        from bcc import BPF  # only /usr/bin/python3's site sees BCC (DESIGN.md)
-
-        self.bpf = BPF(text=RECORDER.encode())
-        self.fd = self.bpf.load_func(b"record", BPF.SCHED_CLS).fd
-        self.netns = None
-
-    def attach(self, netns):
-        with _tc.open_netns(netns) as tc:
-            tc.attach(
-                SERVER_IF, self.fd, "rggso_recorder", RECORDER_PREF, RECORDER_HANDLE, "egress"
-            )
-        self.netns = netns
-
-    def clear(self):
-        self.bpf[b"recs"].clear()
-
-    def records(self):
-        class Record:
-            def __init__(self, seq, value):
-                self.seq, self.len = seq, value.len
-                self.data_len, self.flags = value.data_len, value.flags
-
-        return [Record(k.value, v) for k, v in self.bpf[b"recs"].items()]
-
-    def close(self):
-        if self.netns is not None:
-            with contextlib.suppress(Exception), _tc.open_netns(self.netns) as tc:
-                tc.detach(SERVER_IF, RECORDER_PREF, RECORDER_HANDLE, "egress")
-        self.bpf.cleanup()
 
 
 @pytest.fixture
 def recorder():
-    r = Recorder()
+    r = Recorder("egress")  # the broker's packets (source port)
     try:
         yield r
     finally:
@@ -137,19 +61,10 @@ def recorder():
 
 @pytest.fixture
 def pair():
-    p = Pair()
-    try:
-        p.up()
-        # The server sends the burst: a first flight of 64 KiB and more, and TSO/GSO on its
-        # end (veth's default, said out loud).
-        sh(
-            *("ip", "-n", p.server_ns, "route", "replace", SUBNET, "dev", SERVER_IF),
-            *("src", SERVER, "initcwnd", "100", "initrwnd", "100"),
-        )
-        sh("ip", "netns", "exec", p.server_ns, "ethtool", "-K", SERVER_IF, "tso", "on", "gso", "on")
+    # The server sends the burst: GSO packets of up to 64 KiB, a first flight of 64 KiB and
+    # more.
+    with made_pair(limit=1, server_gso=True) as p:
         yield p
-    finally:
-        p.down()
 
 
 class Reader:
@@ -244,7 +159,7 @@ def run_once(pair, listener, recorder):
 def test_a_cancel_behind_thousands_of_deliveries_in_one_gso_packet_frees_the_slot(recorder, pair):
     created = _deploy.apply(pair.params(limit=1, action="refuse"), _render.read_template())
     assert [o.action for o in created.outcomes] == ["create"]
-    recorder.attach(pair.server_ns)
+    recorder.attach(pair.server_ns, SERVER_IF)
     with entered(pair.server_ns):
         listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -199,28 +199,6 @@ def test_an_empty_egress_slot_is_drift_and_repaired(site, template):
     assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
 
 
-def test_another_egress_program_in_the_egress_slot_is_drift_and_repaired(site, template):
-    _deploy.apply(site.params(), template)
-    with _deploy._tc.open_netns(site.netns) as tc:
-        source, _desired = _deploy.desire(
-            tc, site.pin_root, site.ns_key, IFACE, site.params(), template
-        )
-    progs = _compile.compile_programs_isolated(source, site.pin)  # same source, another load
-    try:
-        _compile.fill_egress_slot(site.pin, progs.egress)
-    finally:
-        for fd in progs:
-            _bpfsys.close(fd)
-    (entry,) = site.info()
-    assert entry["drift"] == _plan.EGRESS_CONTINUATION_DIFFERS
-
-    repaired = only(_deploy.apply(site.params(), template))
-
-    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_CONTINUATION_DIFFERS)
-    assert site.info()[0]["drift"] is None
-    assert slot(site, IFACE, _compile.EGRESS_MORE_SLOT) == egress_id(site, IFACE)
-
-
 def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template):
     _deploy.apply(site.params(), template)
     empty_slot(site)
@@ -236,7 +214,17 @@ def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template):
     assert not _deploy.apply(site.params(), template).changed
 
 
-def test_another_compiles_program_in_walk_more_is_drift_and_repaired(site, template):
+@pytest.mark.parametrize(
+    "n, program, drift",
+    [
+        (_compile.INGRESS_MORE_SLOT, "more", _plan.CONTINUATION_DIFFERS),
+        (_compile.EGRESS_MORE_SLOT, "egress", _plan.EGRESS_CONTINUATION_DIFFERS),
+    ],
+    ids=["continuation", "egress"],
+)
+def test_another_compiles_program_in_a_walk_more_slot_is_drift_and_repaired(
+    site, template, n, program, drift
+):
     _deploy.apply(site.params(), template)
     with _deploy._tc.open_netns(site.netns) as tc:
         source, _desired = _deploy.desire(
@@ -244,17 +232,21 @@ def test_another_compiles_program_in_walk_more_is_drift_and_repaired(site, templ
         )
     progs = _compile.compile_programs_isolated(source, site.pin)  # same source, another load
     try:
-        _compile.fill_continuation(site.pin, progs.more)
+        _compile.fill_continuation(site.pin, getattr(progs, program), n)
+        foreign = slot(site, IFACE, n)
     finally:
         for fd in progs:
             _bpfsys.close(fd)
     (entry,) = site.info()
-    assert entry["drift"] == _plan.CONTINUATION_DIFFERS
+    assert entry["drift"] == drift
 
     repaired = only(_deploy.apply(site.params(), template))
 
-    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.CONTINUATION_DIFFERS)
+    assert (repaired.action, repaired.reason) == (_plan.REPAIR, drift)
     assert site.info()[0]["drift"] is None
+    assert slot(site, IFACE, n) not in (0, foreign)
+    if n == _compile.EGRESS_MORE_SLOT:
+        assert slot(site, IFACE, n) == egress_id(site, IFACE)  # the attached program itself
     assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
 
 

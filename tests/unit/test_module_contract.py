@@ -21,6 +21,7 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
     _names,
     _overrides,
     _pins,
+    _render,
     _runner,
     _tc,
 )
@@ -158,6 +159,10 @@ class FakePins:
     def program_uses_pins(self, pin, prog_id):
         return prog_id not in getattr(self, "foreign_maps", ())
 
+    def held_pins(self, pin):
+        """_pins.HeldPins: what is pinned for pin now, which repin() puts back."""
+        return FakeHeldPins(self, pin)
+
     def check_tree(self, pin_root):
         pass
 
@@ -204,6 +209,21 @@ class FakePins:
         self.__dict__.setdefault(record, []).append((pin, more_fd, attached))
 
 
+class FakeHeldPins:
+    def __init__(self, pins, pin):
+        self.pins, self.pin = pins, pin
+        self.pinned = {pin: pins.pinned[pin]} if pin in pins.pinned else {}
+        self.overrides = {pin: list(pins.overrides[pin])} if pin in pins.overrides else {}
+
+    def repin(self):
+        self.pins.calls.append(("repin", self.pin))
+        self.pins.pinned.update(self.pinned)
+        self.pins.overrides.update(self.overrides)
+
+    def close(self):
+        pass
+
+
 class Exit(Exception):
     def __init__(self, failed, result):
         super().__init__(result.get("msg"))
@@ -232,7 +252,7 @@ class FakeModule:
             seed_from_broker=False,
             broker_node=None,
             overrides=[],
-            _template=None,
+            _template_path=None,
         )
         self.params.update(params)
         self.check_mode, self._diff = check_mode, diff
@@ -280,6 +300,7 @@ def host(monkeypatch):
         "is_continuation_of",
     ):
         monkeypatch.setattr(_pins, name, getattr(pins, name))
+    monkeypatch.setattr(_pins, "HeldPins", pins.held_pins)
     monkeypatch.setattr(_compile, "compile_isolated", pins.compile_isolated)
     monkeypatch.setattr(_overrides, "sync", pins.sync_overrides)
     monkeypatch.setattr(_compile, "compile_programs_isolated", pins.compile_programs_isolated)
@@ -411,6 +432,55 @@ def test_absent_predicts_in_check_mode_then_removes_all_we_made(host):
     assert again.result == {"changed": False, "interfaces": {}, "diff": again.result["diff"]}
 
 
+def test_a_removal_that_fails_half_way_puts_every_interface_back(host, monkeypatch):
+    """eth0 is removed in full, then eth1's ingress filter is detached and its egress detach
+    fails: both interfaces get their filters (the same programs), qdisc and pins back."""
+    tc = host.namespaces[None]
+    tc.interfaces.append("eth1")
+    run(interfaces=["eth0", "eth1"])
+    before = (state(host), dict(tc.egress_filters))
+    detach = tc.detach
+
+    def egress_detach_fails(ifname, pref, handle, hook="ingress"):
+        if (ifname, hook) == ("eth1", "egress"):
+            raise LimiterError("detaching the egress filter from eth1: the kernel said no")
+        return detach(ifname, pref, handle, hook)
+
+    monkeypatch.setattr(tc, "detach", egress_detach_fails)
+    outcome = run(state="absent")
+
+    assert outcome.failed and outcome.result["changed"] is False
+    assert outcome.result["msg"] == "detaching the egress filter from eth1: the kernel said no"
+    assert (state(host), tc.egress_filters) == before
+
+
+def test_a_removal_that_cannot_be_put_back_in_full_says_what_is_left(host, monkeypatch):
+    tc = host.namespaces[None]
+    tc.interfaces.append("eth1")
+    run(interfaces=["eth0", "eth1"])
+    pinned = dict(host.pinned)
+    detach = tc.detach
+
+    def egress_detach_fails(ifname, pref, handle, hook="ingress"):
+        if (ifname, hook) == ("eth1", "egress"):
+            raise LimiterError("detaching the egress filter from eth1: the kernel said no")
+        return detach(ifname, pref, handle, hook)
+
+    def attach_fails(*args, **kwargs):
+        raise LimiterError("attaching: the kernel said no")
+
+    monkeypatch.setattr(tc, "detach", egress_detach_fails)
+    monkeypatch.setattr(tc, "attach", attach_fails)
+    outcome = run(state="absent")
+
+    msg = outcome.result["msg"]
+    assert msg.startswith("detaching the egress filter from eth1: the kernel said no; ")
+    assert "NOT as before" in msg
+    assert "eth0: ingress filter: attaching: the kernel said no; egress filter: attaching" in msg
+    assert "eth1: ingress filter: attaching: the kernel said no" in msg
+    assert host.pinned == pinned  # what could be put back was
+
+
 def test_absent_on_a_namespace_that_is_gone_removes_its_pins(host):
     host.namespaces["blue"] = FakeTc()
     run(netns="blue")
@@ -442,6 +512,36 @@ def test_a_compile_failure_carries_the_compiler_output(host, monkeypatch):
     assert outcome.result["stderr"] == "line 1\nerror: boom\n"
     assert outcome.result["context"]["compiler_output"] == "line 1\nerror: boom\n"
     assert host.pinned == {} and host.namespaces[None].filters.get("eth0", []) == []
+
+
+def test_the_template_the_action_plugin_sent_is_the_one_compiled(host, tmp_path, monkeypatch):
+    """The action plugin copies the collection's template to the host and passes its path."""
+    sent = tmp_path / "rabbit_limiter.c.j2"
+    sent.write_text(_render.read_template().replace("#define", "/* sent */\n#define", 1))
+    compiled = []
+    compile_programs = host.compile_programs_isolated
+    monkeypatch.setattr(
+        _compile,
+        "compile_programs_isolated",
+        lambda source, pin: compiled.append(source) or compile_programs(source, pin),
+    )
+
+    outcome = run(_template_path=str(sent))
+
+    assert not outcome.failed, outcome.result
+    assert len(compiled) == 1 and "/* sent */" in compiled[0]
+
+
+def test_a_template_path_that_cannot_be_read_fails_and_changes_nothing(host, tmp_path):
+    before = state(host)
+    missing = tmp_path / "gone.c.j2"
+
+    outcome = run(_template_path=str(missing))
+
+    assert outcome.failed
+    assert outcome.result["msg"].startswith("the classifier template the action plugin sent")
+    assert str(missing) in outcome.result["msg"]
+    assert state(host) == before
 
 
 def test_a_bad_option_fails_before_anything_is_touched(host):
@@ -592,19 +692,33 @@ def test_the_boot_program_restores_overrides(host):
     assert run(limit=3, overrides=OVERRIDES).result["changed"] is False
 
 
-def test_the_walk_continuation_goes_in_only_once_its_program_is_attached(host):
+# walk_more's two slots: the fills FakePins.fill_continuation records for it, the program
+# put in (its id's offset from the pair's ingress program: ingress, egress, more) and the
+# program attached on that slot's hook at the time (offset likewise).
+SLOTS = pytest.mark.parametrize(
+    "fills, program, attached",
+    [("continuations", 2, 0), ("egress_slots", 1, 1)],
+    ids=["continuation", "egress"],
+)
+
+
+@SLOTS
+def test_a_walk_more_slot_is_filled_only_once_its_program_is_attached(
+    host, fills, program, attached
+):
     """The walk_more array is pinned and shared: the program being replaced walks long
-    segments on through it until the new one is attached, so the new continuation goes in
-    after the attach, never before (and never when the deploy failed)."""
+    segments on (the continuation, or the egress program in itself) through it until the
+    new one is attached, so each slot is filled after its hook's attach, never before (and
+    never when the deploy failed)."""
     first = run(limit=4)
     second = run(limit=6)
 
-    fills = host.continuations
-    assert len(fills) == 2
-    for outcome, (pin, more, attached) in zip((first, second), fills):
+    done = getattr(host, fills)
+    assert len(done) == 2
+    for outcome, (pin, prog, on_hook) in zip((first, second), done):
         assert pin == entry(outcome)["pin_dir"]
-        assert attached == [entry(outcome)["program_id"]]
-        assert more == entry(outcome)["program_id"] + 2  # its own: ingress, egress, more
+        assert prog == entry(outcome)["program_id"] + program  # its own pair's
+        assert on_hook == [entry(outcome)["program_id"] + attached]
 
 
 def test_a_failed_attach_leaves_the_old_continuation(host, monkeypatch):
@@ -620,9 +734,13 @@ def test_a_failed_attach_leaves_the_old_continuation(host, monkeypatch):
     assert {more for _pin, more, _attached in host.continuations} == {first[1]}
 
 
-def test_an_egress_attach_that_fails_puts_the_old_pair_and_continuation_back(host, monkeypatch):
+@SLOTS
+def test_an_egress_attach_that_fails_puts_the_old_pair_and_walk_more_slot_back(
+    host, monkeypatch, fills, program, attached
+):
     """The new ingress program and its continuation were in when the egress half failed:
-    the old ingress program goes back, then its own continuation, and the old egress."""
+    the old ingress program goes back, then its own continuation, the old egress program,
+    then its slot."""
     first = entry(run(limit=4))
     tc = host.namespaces[None]
     before = (dict(tc.filters), dict(tc.egress_filters), dict(host.pinned))
@@ -635,8 +753,9 @@ def test_an_egress_attach_that_fails_puts_the_old_pair_and_continuation_back(hos
 
     monkeypatch.setattr(tc, "attach", egress_fails)
     assert run(limit=6).failed
-    (_pin, more, attached) = host.continuations[-1]
-    assert attached == [first["program_id"]] and more == first["program_id"] + 2
+    (_pin, prog, on_hook) = getattr(host, fills)[-1]
+    assert prog == first["program_id"] + program
+    assert on_hook == [first["program_id"] + attached]
     assert (tc.filters, tc.egress_filters, host.pinned) == before
 
 
@@ -661,31 +780,3 @@ def test_an_undo_that_cannot_be_done_in_full_says_what_is_left(host, monkeypatch
     assert msg.startswith("attaching the egress filter: boom; ")
     assert "NOT as before" in msg and "ingress filter: detaching: the kernel said no" in msg
     assert host.pinned == {}  # what could be undone was
-
-
-def test_the_egress_slot_holds_the_attached_egress_program(host):
-    """The egress program goes on with a long broker segment in itself, through walk_more's
-    egress slot: each deploy puts its own egress program there once it is attached."""
-    first = run(limit=4)
-    second = run(limit=6)
-    fills = host.egress_slots
-    assert len(fills) == 2
-    for outcome, (pin, prog, attached) in zip((first, second), fills):
-        assert pin == entry(outcome)["pin_dir"]
-        assert prog == entry(outcome)["program_id"] + 1  # ingress, egress, more
-        assert attached == [prog]
-
-
-def test_an_egress_attach_that_fails_puts_the_old_egress_slot_back(host, monkeypatch):
-    first = entry(run(limit=4))
-    tc = host.namespaces[None]
-    attach = tc.attach
-
-    def egress_fails(ifname, prog_fd, name, pref, handle, hook="ingress"):
-        if hook == "egress" and prog_fd != first["program_id"] + 1:
-            raise LimiterError("attaching the egress filter: boom")
-        attach(ifname, prog_fd, name, pref, handle, hook)
-
-    monkeypatch.setattr(tc, "attach", egress_fails)
-    assert run(limit=6).failed
-    assert host.egress_slot_id(first["pin_dir"]) == first["program_id"] + 1

@@ -103,21 +103,3 @@ def test_strict_is_rendered_and_changes_the_digest():
     assert re.search(r"#define STRICT\s+1\n", sources[True])
     assert _render.source_digest(sources[False]) != _render.source_digest(sources[True])
     assert _render.validate(5672, 10, "drop", "ethernet", PIN)["strict"] is C.DEFAULT_STRICT
-
-
-def test_the_template_travels_packed_and_small():
-    """The action plugin sends the template packed: a module payload over a pipe's 64 KiB
-    hangs ansible-core's respawn into the system Python (it writes the payload into a pipe
-    before starting the reader), and the plain template is over that."""
-    text = _render.read_template()
-    packed = _render.pack_template(text)
-    assert _render.unpack_template(packed) == text
-    # Half the pipe at most: the rest of the payload (the other arguments, ansible's own
-    # module_utils) needs room too.
-    assert len(packed) < 32 * 1024, (len(text), len(packed))
-    assert _render.unpack_template(text) == text  # plain text still works (module tests)
-
-
-def test_a_damaged_packed_template_is_a_config_error():
-    with pytest.raises(_render.ConfigError, match="template sent by the action plugin is damaged"):
-        _render.unpack_template(_render.PACKED_PREFIX + "not base64 at all!")
