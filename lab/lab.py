@@ -115,6 +115,14 @@ PRIVATE_DIRS = ("/etc/rabbitmq", "/var/lib/rabbitmq", "/var/log/rabbitmq")
 # real hosts do, so that runs on different lab hosts never queue behind one another's lock.
 RUNTIME_DIRS = ("/run/rabbitguard",)
 
+
+def _dir_mode(path: str) -> int:
+    """The mode a directory made here gets: the limiter's runtime directory is root's alone
+    (0700, as the module makes it: a lab that made it 0755 first would leave this machine's
+    lock directory unlike a real host's), other mountpoints 0755."""
+    return 0o700 if path in RUNTIME_DIRS else 0o755
+
+
 SSHD_TIMEOUT = 10.0
 EPMD_TIMEOUT = 10.0
 BROKER_TIMEOUT = 120.0
@@ -842,7 +850,8 @@ def _ensure_mountpoints(cfg: Config, state: dict, changes: _Changes) -> None:
             missing = path
             while not os.path.isdir(os.path.dirname(missing)):
                 missing = os.path.dirname(missing)
-            os.makedirs(path, mode=0o755)
+            os.makedirs(path, mode=_dir_mode(path))
+            os.chmod(path, _dir_mode(path))  # makedirs' mode goes through the umask
             made.append(missing)
             changes.add(f"created {path} (mountpoint of the hosts' private copies)")
 
@@ -880,7 +889,7 @@ def _ensure_files(cfg: Config, hosts_: list[Host], count: int, changes: _Changes
                 if os.path.isdir(path):
                     shutil.copytree(path, copy, symlinks=True)
                 else:
-                    os.makedirs(copy, mode=0o755)
+                    os.makedirs(copy, mode=_dir_mode(path))
                 changes.add(f"{host.name}: private copy of {path}")
         etc, lib, logdir = (host.private_dir(p) for p in PRIVATE_DIRS)
         for path in (etc, lib, os.path.join(lib, "mnesia"), logdir):
