@@ -15,12 +15,14 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.integration.common import (
+    HOST,
     broker_connections,
     connection_of,
     deploy,
     ensure,
     eth0,
     info,
+    limited_host,
     limiter_entry,
     wait_for,
 )
@@ -28,14 +30,8 @@ from tests.lib.clients import ClientError, open_consumers
 
 pytestmark = pytest.mark.integration
 
-HOST = "rabbit1"
 LIMIT = 3
-
-
-@pytest.fixture
-def limited(ansible, lab_hosts, queues):
-    ensure(ansible, HOST, limit=LIMIT, action="reset")
-    return lab_hosts[HOST]
+limited = limited_host(LIMIT, "reset")
 
 
 def refused_fast(outcome):
