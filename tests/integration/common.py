@@ -47,6 +47,19 @@ def tc_qdiscs(host, dev=IFACE):
     return run(host, ["tc", "qdisc", "show", "dev", dev]).stdout
 
 
+def delete_our_filter(host):
+    """The limiter's ingress filter deleted by hand (tc filter del at its pref and handle)."""
+    argv = ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", str(PREF)]
+    run(host, argv + ["handle", hex(HANDLE), "bpf"])
+
+
+def add_foreign_filter(host, pref, handle, protocol="all"):
+    """Another tool's classifier on IFACE's ingress: classic BPF "return 0" (passes
+    everything)."""
+    argv = ["tc", "filter", "add", "dev", IFACE, "ingress", "protocol", protocol]
+    run(host, argv + ["pref", str(pref), "handle", str(handle), "bpf", "bytecode", "1,6 0 0 0"])
+
+
 def pins(host):
     """Every path under the pin root (empty when there is none)."""
     proc = run(host, ["find", PIN_ROOT], check=False)
