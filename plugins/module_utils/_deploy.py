@@ -274,22 +274,27 @@ class Undo:
         self.created_clsact = False
         self.dropped_clsact = False
         self.fds: list[int] = []
-        self.held = _pins.HeldPins(pin) if removal else None
-        # The bpf filters (ours or anyone's, for all protocols: those attach swaps in place)
-        # that were in the two slots: (fd, name) or None.
-        self.ingress = self._hold_filter(observed.get("filter"))
-        self.egress = self._hold_filter(observed.get("egress_filter"))
+        self.held: _pins.HeldPins | None = None
         self.more: int | None = None
         self.egress_more: int | None = None
-        if _pins.CONTINUATION_ARRAY not in self.new_pins:
-            more_id = _pins.continuation_id(pin)
-            if more_id:
-                self.more = self._hold(more_id)
-            egress_more_id = _pins.egress_slot_id(pin)
-            if egress_more_id:
-                self.egress_more = self._hold(egress_more_id)
         # Filters _clear_foreign deleted: no program to put back (reported on failure).
         self.lost: list[str] = []
+        try:
+            self.held = _pins.HeldPins(pin) if removal else None
+            # The bpf filters (ours or anyone's, for all protocols: those attach swaps in
+            # place) that were in the two slots: (fd, name) or None.
+            self.ingress = self._hold_filter(observed.get("filter"))
+            self.egress = self._hold_filter(observed.get("egress_filter"))
+            if _pins.CONTINUATION_ARRAY not in self.new_pins:
+                more_id = _pins.continuation_id(pin)
+                if more_id:
+                    self.more = self._hold(more_id)
+                egress_more_id = _pins.egress_slot_id(pin)
+                if egress_more_id:
+                    self.egress_more = self._hold(egress_more_id)
+        except BaseException:
+            self.close()  # what was taken so far: no caller holds this Undo to close it
+            raise
 
     def _hold(self, prog_id: int) -> int | None:  # None: the program is gone
         try:

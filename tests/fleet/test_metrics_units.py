@@ -46,23 +46,16 @@ def test_metrics_service_and_timer_are_valid_systemd_units(tmp_path):
     )
     timer = (tmp_path / "rabbitguard-limiter-metrics.timer").read_text()
     assert "OnUnitActiveSec=15s" in timer and "WantedBy=timers.target" in timer
-    proc = subprocess.run(
-        [analyze, "verify", "--man=no", str(tmp_path / "rabbitguard-limiter-metrics.timer")],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    # the service the timer starts is verified too, by name
-    proc = subprocess.run(
-        [analyze, "verify", "--man=no", str(tmp_path / "rabbitguard-limiter-metrics.service")],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    # the timer, and the service it starts (by name)
+    for unit in ("rabbitguard-limiter-metrics.timer", "rabbitguard-limiter-metrics.service"):
+        proc = subprocess.run(
+            [analyze, "verify", "--man=no", str(tmp_path / unit)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, SYSTEMD_UNIT_PATH="%s:" % tmp_path),
+            check=False,
+        )
+        assert proc.returncode == 0, (unit, proc.stderr)
 
 
 def test_metrics_mode_runs_without_ansible_and_refuses_bad_overrides(tmp_path):

@@ -4,9 +4,12 @@
 """What the integration tests share: the lab's settings, looking at a host (tc, pins, the
 broker's own view), and running the modules through Ansible (tests.lib.ansible_run)."""
 
+import contextlib
 import json
 import os
 import time
+
+import pytest
 
 import lab
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
@@ -25,6 +28,7 @@ QUEUE = "rgi-q"
 PIN_ROOT = C.DEFAULT_PIN_ROOT
 IFACE = "eth0"
 PREF, HANDLE = C.FILTER_PREF, C.FILTER_HANDLE
+HOST = "rabbit1"  # the host of the tests that need only one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,12 +39,25 @@ def run(host, argv, check=True):
     return lab.run(host, argv, cfg=CFG, check=check, timeout=60)
 
 
-def tc_filters(host, dev=IFACE):
-    return run(host, ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
+def tc_filters(host, dev=IFACE, hook="ingress"):
+    return run(host, ["tc", "filter", "show", "dev", dev, hook]).stdout
 
 
 def tc_qdiscs(host, dev=IFACE):
     return run(host, ["tc", "qdisc", "show", "dev", dev]).stdout
+
+
+def delete_our_filter(host):
+    """The limiter's ingress filter deleted by hand (tc filter del at its pref and handle)."""
+    argv = ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", str(PREF)]
+    run(host, argv + ["handle", hex(HANDLE), "bpf"])
+
+
+def add_foreign_filter(host, pref, handle, protocol="all"):
+    """Another tool's classifier on IFACE's ingress: classic BPF "return 0" (passes
+    everything)."""
+    argv = ["tc", "filter", "add", "dev", IFACE, "ingress", "protocol", protocol]
+    run(host, argv + ["pref", str(pref), "handle", str(handle), "bpf", "bytecode", "1,6 0 0 0"])
 
 
 def pins(host):
@@ -90,6 +107,22 @@ def broker_consumers(host, client):
     return None if conn is None else sum(conn["channels"].values())
 
 
+def delete_queue(host, name, check=True):
+    """Delete a queue on the host's broker (the broker cancels its consumers: basic.cancel
+    to clients that take it)."""
+    run(host, ["rabbitmqctl", "-q", "delete_queue", name], check=check)
+
+
+@contextlib.contextmanager
+def deleted_after(host, names):
+    """Every queue of names deleted at the end (those that are still there)."""
+    try:
+        yield names
+    finally:
+        for name in names:
+            delete_queue(host, name, check=False)
+
+
 def wait_for(predicate, timeout, interval=0.2):
     deadline = time.monotonic() + timeout
     while True:
@@ -129,6 +162,21 @@ def forget(*hosts):
     """The host was changed behind deploy()'s back (by hand, by a group run)."""
     for host in hosts:
         _deployed.pop(host, None)
+
+
+def limited_host(limit, action, host=HOST):
+    """A test module's ``limited`` fixture: host limited to limit consumers with action
+    (deployed once while the session's last deploy there had other options: ensure);
+    the fixture's value is the lab's host dict.
+
+    ``limited = limited_host(3, "reset")`` at a test module's top level."""
+
+    @pytest.fixture
+    def limited(ansible, lab_hosts, queues):
+        ensure(ansible, host, limit=limit, action=action)
+        return lab_hosts[host]
+
+    return limited
 
 
 def remove(ansible, host):

@@ -15,12 +15,14 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.integration.common import (
+    HOST,
     broker_connections,
     connection_of,
     deploy,
     ensure,
     eth0,
     info,
+    limited_host,
     limiter_entry,
     wait_for,
 )
@@ -28,14 +30,38 @@ from tests.lib.clients import ClientError, open_consumers
 
 pytestmark = pytest.mark.integration
 
-HOST = "rabbit1"
 LIMIT = 3
+limited = limited_host(LIMIT, "reset")
 
 
-@pytest.fixture
-def limited(ansible, lab_hosts, queues):
-    ensure(ansible, HOST, limit=LIMIT, action="reset")
-    return lab_hosts[HOST]
+class Publishing:
+    """``with Publishing(client, channel, queue, body, pause) as p``: client publishes body
+    to queue on channel in a thread (pause seconds apart) until the block ends; p.sent
+    counts the publishes, p.errors holds the error that stopped it."""
+
+    def __init__(self, client, channel, queue, body, pause=0.0):
+        self.client, self.channel, self.queue, self.body = client, channel, queue, body
+        self.pause, self.sent, self.errors = pause, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._publish, daemon=True)
+
+    def _publish(self):
+        while not self._stop.is_set():
+            try:
+                self.client.publish(self.channel, self.queue, self.body)
+            except ClientError as exc:
+                self.errors.append(exc)
+                return
+            self.sent += 1
+            time.sleep(self.pause)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
 
 
 def refused_fast(outcome):
@@ -118,31 +144,13 @@ def test_info_while_traffic_flows(ansible, limited, queues, client_pool):
     publisher = client_pool("pika", limited["ipv4"], "info-publisher")
     ch1, ch2 = consumer.channel(), consumer.channel()
     assert open_consumers(consumer, queues, LIMIT, channels=[ch1, ch1, ch2]).count == LIMIT
-    pub_channel = publisher.channel()
-    stop = threading.Event()
-    errors = []
-
-    def publish():
-        body = b"x" * 20000  # frames spanning segments on the publisher's stream
-        while not stop.is_set():
-            try:
-                publisher.publish(pub_channel, queues, body)
-            except ClientError as exc:
-                errors.append(exc)
-                return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    try:
+    # Frames spanning segments on the publisher's stream.
+    with Publishing(publisher, publisher.channel(), queues, b"x" * 20000, 0.01) as publishing:
         assert wait_for(lambda: consumer.delivered > 10, 5), "no messages flow"
         entry = limiter_entry(info(ansible, HOST))
         delivered = consumer.delivered
         assert wait_for(lambda: consumer.delivered > delivered + 10, 5), "traffic stopped"
-    finally:
-        stop.set()
-        thread.join(5)
-    assert not errors, errors
+    assert not publishing.errors, publishing.errors
 
     assert entry["attached"] is True and isinstance(entry["program_id"], int)
     assert entry["config"] == {
@@ -191,30 +199,13 @@ def test_a_busy_connection_is_counted_exactly_in_strict_mode(
     ensure(ansible, HOST, limit=LIMIT, action="reset", strict=True)
     client = client_pool("aio-pika", lab_hosts[HOST]["ipv4"], "busy")
     publishing, consuming = client.channel(), client.channel()
-    stop = threading.Event()
-    sent, errors = [], []
-
-    def publish():
-        body = b"p" * 300000  # > frame_max: three body frames, many segments each
-        while not stop.is_set():
-            try:
-                client.publish(publishing, queues, body)
-            except ClientError as exc:
-                errors.append(exc)
-                return
-            sent.append(1)
-
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: len(sent) >= 3, 5), errors
+    # > frame_max: three body frames, many segments each.
+    with Publishing(client, publishing, queues, b"p" * 300000) as publisher:
+        assert wait_for(lambda: publisher.sent >= 3, 5), publisher.errors
         outcome = open_consumers(client, queues, LIMIT + 2, channels=[consuming])
-    finally:
-        stop.set()
-        thread.join(5)
 
-    assert outcome.count == LIMIT and refused_fast(outcome), (outcome, len(sent))
-    assert len(sent) >= 3
+    assert outcome.count == LIMIT and refused_fast(outcome), (outcome, publisher.sent)
+    assert publisher.sent >= 3
 
 
 def test_a_live_limit_change_keeps_the_counts(ansible, limited, queues, client_pool):

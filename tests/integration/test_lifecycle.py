@@ -20,6 +20,7 @@ from tests.integration.common import (
     HANDLE,
     IFACE,
     PREF,
+    add_foreign_filter,
     forget,
     pins,
     run,
@@ -34,23 +35,6 @@ pytestmark = pytest.mark.integration
 
 HOSTS = ("rabbit1", "rabbit2")
 CONFIG = dict(limit=4, action="reset")
-FOREIGN = [
-    "tc",
-    "filter",
-    "add",
-    "dev",
-    IFACE,
-    "ingress",
-    "protocol",
-    "all",
-    "pref",
-    "1",
-    "handle",
-    "1",
-    "bpf",
-    "bytecode",
-    "1,6 0 0 0",
-]
 
 
 def eth0_of(per_host):
@@ -78,7 +62,7 @@ def clean(ansible, fleet):
     run("rabbit1", ["tc", "qdisc", "del", "dev", IFACE, "clsact"], check=False)
     run("rabbit2", ["tc", "qdisc", "replace", "dev", IFACE, "clsact"])
     run("rabbit2", ["tc", "filter", "del", "dev", IFACE, "ingress"], check=False)
-    run("rabbit2", FOREIGN)
+    add_foreign_filter("rabbit2", 1, 1)
     return fleet
 
 

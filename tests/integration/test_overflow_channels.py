@@ -24,12 +24,13 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _names
 from tests.integration.common import (
+    HOST,
     IFACE,
     PIN_ROOT,
     broker_connections,
     connection_of,
-    ensure,
     info,
+    limited_host,
     limiter_entry,
     run,
     wait_for,
@@ -39,8 +40,8 @@ from tests.lib.clients import open_consumers
 
 pytestmark = pytest.mark.integration
 
-HOST = "rabbit1"
 LIMIT = 30
+limited = limited_host(LIMIT, "reset")
 CHANNELS = 12  # 1-8 in the entry's slots, 9-12 in the channels map
 PIN = _names.pin_dir(PIN_ROOT, _names.HOST_KEY, IFACE)
 
@@ -51,26 +52,25 @@ import ctypes, json, os, sys
 sys.path.insert(0, os.path.join(sys.argv[1], "collections"))
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout
 pin = sys.argv[2]
-out = {"conns": [], "channels": []}
-with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "conns"))) as fd:
-    for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ConnKey)):
-        raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ConnState))
-        if raw is None:
-            continue
-        key = _layout.decode(_layout.ConnKey, raw_key)
-        st = _layout.decode(_layout.ConnState, raw)
-        out["conns"].append({"client_port": key.client_port, "epoch": st.epoch,
-                             "ended": st.ended, "consumers": st.consumers,
-                             "over": [c for c in st.over if c]})
-with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, "channels"))) as fd:
-    for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(_layout.ChanKey)):
-        raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(_layout.ChanState))
-        if raw is None:
-            continue
-        key = _layout.decode(_layout.ChanKey, raw_key)
-        value = _layout.decode(_layout.ChanState, raw)
-        out["channels"].append({"client_port": key.conn.client_port, "channel": key.channel,
-                                "epoch": value.epoch, "consumers": value.consumers})
+
+def entries(name, key_type, value_type, row):  # row(key, value) of each entry of a pinned map
+    rows = []
+    with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(pin, name))) as fd:
+        for raw_key in _bpfsys.map_keys(fd, ctypes.sizeof(key_type)):
+            raw = _bpfsys.map_lookup(fd, raw_key, ctypes.sizeof(value_type))
+            if raw is not None:
+                key = _layout.decode(key_type, raw_key)
+                rows.append(row(key, _layout.decode(value_type, raw)))
+    return rows
+
+out = {
+    "conns": entries("conns", _layout.ConnKey, _layout.ConnState, lambda key, st: {
+        "client_port": key.client_port, "epoch": st.epoch, "ended": st.ended,
+        "consumers": st.consumers, "over": [c for c in st.over if c]}),
+    "channels": entries("channels", _layout.ChanKey, _layout.ChanState, lambda key, value: {
+        "client_port": key.conn.client_port, "channel": key.channel, "epoch": value.epoch,
+        "consumers": value.consumers}),
+}
 print(json.dumps(out))
 """
 
@@ -174,12 +174,6 @@ ENDS = {
     "fin": ("pika", end_fin),
     "broker_close": ("pika", end_broker_close),
 }
-
-
-@pytest.fixture
-def limited(ansible, lab_hosts, queues):
-    ensure(ansible, HOST, limit=LIMIT, action="reset")
-    return lab_hosts[HOST]
 
 
 def assert_full_limit(limited, queues, client_pool, name):

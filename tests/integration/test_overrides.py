@@ -16,7 +16,18 @@ import sys
 
 import pytest
 
-from tests.integration.common import CFG, deploy, eth0, forget, info, limiter_entry, run, snapshot
+from tests.integration.common import (
+    CFG,
+    PIN_ROOT,
+    delete_our_filter,
+    deploy,
+    eth0,
+    forget,
+    info,
+    limiter_entry,
+    run,
+    snapshot,
+)
 from tests.lib.clients import open_consumers
 
 pytestmark = pytest.mark.integration
@@ -163,23 +174,8 @@ def test_the_boot_program_restores_the_overrides(ansible, lab_hosts, tmp_path):
             {"limit": DEFAULT, "action": "reset", "overrides": wanted, "interfaces": ["eth0"]}
         )
     )
-    run(
-        HOST,
-        [
-            "tc",
-            "filter",
-            "del",
-            "dev",
-            "eth0",
-            "ingress",
-            "pref",
-            "49152",
-            "handle",
-            "0x5247",
-            "bpf",
-        ],
-    )
-    run(HOST, ["rm", "-rf", "/sys/fs/bpf/rabbitguard"])
+    delete_our_filter(HOST)
+    run(HOST, ["rm", "-rf", PIN_ROOT])
     forget(HOST)
     assert "rabbitguard" not in snapshot(HOST)["filters"]
 

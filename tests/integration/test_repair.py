@@ -16,6 +16,8 @@ from tests.integration.common import (
     IFACE,
     PIN_ROOT,
     PREF,
+    add_foreign_filter,
+    delete_our_filter,
     deploy,
     ensure,
     eth0,
@@ -80,22 +82,7 @@ def repair_run(ansible, reason_words):
 
 
 def test_a_filter_deleted_by_hand_is_repaired(ansible, deployed, queues, client_pool):
-    run(
-        HOST,
-        [
-            "tc",
-            "filter",
-            "del",
-            "dev",
-            IFACE,
-            "ingress",
-            "pref",
-            str(PREF),
-            "handle",
-            hex(HANDLE),
-            "bpf",
-        ],
-    )
+    delete_our_filter(HOST)
     assert our_filter_lines(tc_filters(HOST)) == []
     assert unlimited(deployed, queues, client_pool, "filter-gone")
 
@@ -133,26 +120,7 @@ def test_a_foreign_program_at_our_pref_and_handle_is_replaced(
 ):
     # Another tool's classifier (classic BPF "return 0": passes everything) takes our slot.
     run(HOST, ["tc", "filter", "del", "dev", IFACE, "ingress", "pref", str(PREF)])
-    run(
-        HOST,
-        [
-            "tc",
-            "filter",
-            "add",
-            "dev",
-            IFACE,
-            "ingress",
-            "protocol",
-            protocol,
-            "pref",
-            str(PREF),
-            "handle",
-            hex(HANDLE),
-            "bpf",
-            "bytecode",
-            "1,6 0 0 0",
-        ],
-    )
+    add_foreign_filter(HOST, PREF, hex(HANDLE), protocol)
     (line,) = our_filter_lines(tc_filters(HOST))
     assert "rabbitguard-" not in line and "bytecode" in line
     assert unlimited(deployed, queues, client_pool, "foreign-" + protocol)

@@ -11,35 +11,27 @@ action=reset, limit 3, as in test_accounting.
 import pytest
 
 from tests.integration.common import (
+    HOST,
     broker_consumers,
     connection_of,
-    ensure,
+    delete_queue,
+    deleted_after,
     info,
+    limited_host,
     limiter_entry,
-    run,
+    tc_filters,
     wait_for,
 )
 from tests.lib.clients import declare_queues, open_consumers
 
 pytestmark = pytest.mark.integration
 
-HOST = "rabbit1"
 LIMIT = 3
-
-
-@pytest.fixture
-def limited(ansible, lab_hosts, queues):
-    ensure(ansible, HOST, limit=LIMIT, action="reset")
-    return lab_hosts[HOST]
-
-
-def delete_queue(name):
-    run(HOST, ["rabbitmqctl", "-q", "delete_queue", name])
+limited = limited_host(LIMIT, "reset")
 
 
 def test_the_pair_is_attached(ansible, limited):
-    egress = run(HOST, ["tc", "filter", "show", "dev", "eth0", "egress"]).stdout
-    ingress = run(HOST, ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+    egress, ingress = tc_filters(HOST, hook="egress"), tc_filters(HOST)
     assert "rabbitguard-" in egress and "rabbitguard-" in ingress
     entry = limiter_entry(info(ansible, HOST))
     assert entry["attached"] is True and entry["egress_program_id"], entry
@@ -50,20 +42,17 @@ def test_resubscribing_after_server_cancels_is_never_refused(ansible, limited, c
     channel = client.channel()
     names = ["rgi-sc-%d" % i for i in range(11)]
     declare_queues(limited["ipv4"], names)
-    try:
+    with deleted_after(HOST, names):
         first = open_consumers(client, names[0], 1, channels=[channel])
         assert first.count == 1 and first.error is None, first
         for i in range(10):
-            delete_queue(names[i])  # the broker cancels the consumer, the client is silent
+            delete_queue(HOST, names[i])  # the broker cancels the consumer, the client is silent
             assert wait_for(lambda: broker_consumers(HOST, client) == 0, 10)
             again = open_consumers(client, names[i + 1], 1, channels=[channel])
             assert again.count == 1 and again.error is None, (i, again)
         assert client.alive
         conn = connection_of(limiter_entry(info(ansible, HOST, connections=True)), client)
         assert conn is not None and conn["consumers"] == 1, conn
-    finally:
-        for name in names:
-            run(HOST, ["rabbitmqctl", "-q", "delete_queue", name], check=False)
 
 
 def test_a_client_holding_the_limit_is_still_refused(limited, queues, client_pool):
@@ -72,9 +61,7 @@ def test_a_client_holding_the_limit_is_still_refused(limited, queues, client_poo
     assert held.count == LIMIT and held.error is None, held
     names = ["rgi-sc-full"]
     declare_queues(limited["ipv4"], names)
-    try:
+    with deleted_after(HOST, names):
         more = open_consumers(client, names[0], 1)
         assert more.count == 0 and more.error is not None, more
         assert more.error.kind == "connection", more
-    finally:
-        run(HOST, ["rabbitmqctl", "-q", "delete_queue", names[0]], check=False)

@@ -26,6 +26,7 @@ not the test: the rounds print what they saw, and the test fails, naming them, i
 went past 256 frames.
 """
 
+import contextlib
 import socket
 import struct
 import time
@@ -33,21 +34,23 @@ import time
 import pytest
 
 from tests.integration.common import (
+    HOST,
     IFACE,
     broker_connections,
     connection_of,
-    ensure,
+    delete_queue,
+    deleted_after,
     info,
+    limited_host,
     limiter_entry,
-    run,
 )
 from tests.lib import amqp, clients
 from tests.root.sites import TCP_SYN, Recorder, packet_at
 
 pytestmark = pytest.mark.integration
 
-HOST = "rabbit1"
 LIMIT = 1
+limited = limited_host(LIMIT, "refuse")
 ROUNDS = 10
 MESSAGES = 2000
 BODY = b"m" * 32
@@ -203,19 +206,10 @@ def fill(addr, queue, count):
 
 
 @pytest.fixture
-def limited(ansible, lab_hosts, queues):
-    ensure(ansible, HOST, limit=LIMIT, action="refuse")
-    return lab_hosts[HOST]
-
-
-@pytest.fixture
 def recorder(limited):
-    r = Recorder("egress", records=65536)
-    try:
+    with Recorder("egress", records=65536) as r:
         r.attach(limited["netns"], IFACE)
         yield r
-    finally:
-        r.close()
 
 
 def test_cancels_behind_a_backlog_of_deliveries_free_the_slot(ansible, limited, recorder):
@@ -223,7 +217,7 @@ def test_cancels_behind_a_backlog_of_deliveries_free_the_slot(ansible, limited, 
     before = limiter_entry(info(ansible, HOST, connections=False))["counters"]
     client = RawConsumer(limited["ipv4"])
     rounds = []
-    try:
+    with deleted_after(HOST, names), contextlib.closing(client):
         (isn,) = {
             r.seq
             for r in recorder.records()
@@ -234,7 +228,7 @@ def test_cancels_behind_a_backlog_of_deliveries_free_the_slot(ansible, limited, 
         for i in range(ROUNDS):
             recorder.clear()
             time.sleep(STALL)  # not reading: the deliveries queue up at the broker
-            run(HOST, ["rabbitmqctl", "-q", "delete_queue", names[i]])
+            delete_queue(HOST, names[i])
             time.sleep(STALL)  # the cancel is behind them
             fill(limited["ipv4"], names[i + 1], MESSAGES)
             cancel_at = client.drain_to_cancel("c%d" % i)
@@ -256,10 +250,6 @@ def test_cancels_behind_a_backlog_of_deliveries_free_the_slot(ansible, limited, 
         counters = entry["counters"]
         assert counters["missed"] == before["missed"], counters
         assert counters["cancels"] - before["cancels"] >= ROUNDS, counters
-    finally:
-        client.close()
-        for name in names:
-            run(HOST, ["rabbitmqctl", "-q", "delete_queue", name], check=False)
     print("\nper round, the cancel's packet:", rounds)
     deep = [r for r in rounds if r["paged"] > 0 and r["frames_ahead"] > WALK]
     assert deep, "no round put the cancel behind more than %d frames of one paged packet: %r" % (

@@ -16,10 +16,16 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
+    _names,
+    _runner,
+    _tc,
+)
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _names, _runner, _tc
 
 IFACE = "rgap-x0"
+OTHER = "rgap-y0"  # a second interface (Site.add_interface); sorts after IFACE
 
 
 def module_params(netns, pin_root, ifname, **overrides):
@@ -72,11 +78,40 @@ class Site:
         self.ns_key = _names.namespace_key(netns)
         self.pin = _names.pin_dir(pin_root, self.ns_key, IFACE)
 
+    def add_interface(self, ifname=OTHER):
+        """A second veth (its peer in the namespace too); returns the site."""
+        peer = ifname[:-1] + "1"
+        sh("ip", "-n", self.netns, "link", "add", ifname, "type", "veth", "peer", "name", peer)
+        return self
+
+    def pin_files(self):
+        """Every pinned object under the pin root, relative to it."""
+        found = []
+        for top, _dirs, files in os.walk(self.pin_root):
+            found += [os.path.relpath(os.path.join(top, f), self.pin_root) for f in files]
+        return sorted(found)
+
+    def pin_older_layout(self, version=3):
+        """What a release with layout ``version`` left for IFACE: two of its maps (this
+        deploy's conns and counters) pinned in its directory; returns that directory."""
+        old = os.path.join(self.pin_root, "v%d" % version, self.ns_key, IFACE)
+        os.makedirs(old, 0o700)
+        os.chmod(os.path.dirname(old), 0o700)
+        os.chmod(os.path.dirname(os.path.dirname(old)), 0o700)
+        for name in ("conns", "counters"):
+            with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(self.pin, name))) as fd:
+                _bpfsys.obj_pin(fd, os.path.join(old, name))
+        return old
+
     def params(self, **overrides):
         return module_params(self.netns, self.pin_root, IFACE, **overrides)
 
     def info(self):
         return describe(self.netns, self.pin_root)
+
+    def tc(self, ifname, hook):
+        """tc_filters of one hook of one of the site's interfaces."""
+        return tc_filters(self.netns, ifname, hook)
 
     def filters(self):
         """The ingress filters as iproute2 shows them (none without a clsact qdisc)."""
@@ -187,6 +222,16 @@ class Pair:
         (entry,) = describe(self.server_ns, self.pin_root, connections=True)
         return entry
 
+    def connection(self, client):
+        """info(), and in it the connection of the client socket client."""
+        entry = self.info()
+        (conn,) = [
+            c
+            for c in entry["connections"]
+            if c["client"] == CLIENT and c["client_port"] == client.getsockname()[1]
+        ]
+        return entry, conn
+
 
 @contextmanager
 def made_pair(**kwargs):
@@ -267,6 +312,12 @@ class Recorder:
         self.bpf = BPF(text=RECORDER.encode(), cflags=cflags)
         self.fd = self.bpf.load_func(b"record", BPF.SCHED_CLS).fd
         self.netns = self.ifname = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def attach(self, netns, ifname):
         with _tc.open_netns(netns) as tc:

@@ -29,7 +29,6 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy
 from tests.lib import amqp
 
 from .sites import (
-    CLIENT,
     PORT,
     SERVER,
     SERVER_IF,
@@ -95,11 +94,8 @@ class Sink:
 
 @pytest.fixture
 def recorder():
-    r = Recorder("ingress")  # compiled first: a BCC failure leaves nothing behind
-    try:
+    with Recorder("ingress") as r:  # compiled first: a BCC failure leaves nothing behind
         yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture
@@ -163,12 +159,7 @@ def run_once(pair, sink, recorder, index):
         sent += len(data)
         received = sink.wait_for(index, sent)
         time.sleep(0.05)
-        entry = pair.info()
-        (conn,) = [
-            c
-            for c in entry["connections"]
-            if c["client"] == CLIENT and c["client_port"] == client.getsockname()[1]
-        ]
+        entry, conn = pair.connection(client)
     return dict(
         entry=entry,
         conn=conn,

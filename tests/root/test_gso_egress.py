@@ -28,7 +28,6 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import _deploy
 from tests.lib import amqp
 
 from .sites import (
-    CLIENT,
     PORT,
     SERVER,
     SERVER_IF,
@@ -52,11 +51,8 @@ AGAIN = "queue-subscribed-again-after-the-cancel"
 
 @pytest.fixture
 def recorder():
-    r = Recorder("egress")  # the broker's packets (source port)
-    try:
+    with Recorder("egress") as r:  # the broker's packets (source port)
         yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture
@@ -139,12 +135,7 @@ def run_once(pair, listener, recorder):
             client.sendall(again)
             received = at_server.wait_for(len(head) + len(again))
             time.sleep(0.05)
-            entry = pair.info()
-            (conn,) = [
-                c
-                for c in entry["connections"]
-                if c["client"] == CLIENT and c["client_port"] == client.getsockname()[1]
-            ]
+            entry, conn = pair.connection(client)
     return dict(
         entry=entry,
         conn=conn,

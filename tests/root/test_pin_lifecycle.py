@@ -25,7 +25,7 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
 )
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
-from .sites import IFACE, only
+from .sites import only
 
 pytestmark = pytest.mark.bpf
 
@@ -78,13 +78,7 @@ def test_absent_leaves_no_pin(site, template):
 def test_pins_an_older_layout_left_go(site, template, then):
     only(_deploy.apply(site.params(limit=3), template))
     # What a release with layout version 3 left for this interface: its maps pinned.
-    old = os.path.join(site.pin_root, "v3", site.ns_key, IFACE)
-    os.makedirs(old, 0o700)
-    os.chmod(os.path.dirname(old), 0o700)
-    os.chmod(os.path.dirname(os.path.dirname(old)), 0o700)
-    for name in ("conns", "counters"):
-        with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(site.pin, name))) as fd:
-            _bpfsys.obj_pin(fd, os.path.join(old, name))
+    old = site.pin_older_layout(3)
     assert _names.layout_root(site.pin_root) != os.path.dirname(os.path.dirname(old))
 
     if then == "redeploy":

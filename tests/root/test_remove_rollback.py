@@ -31,8 +31,7 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
 )
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
-from .sites import IFACE, module_params, sh, tc_filters
-from .test_rollback import OTHER, pin_files, tc_show
+from .sites import IFACE, OTHER, module_params, sh
 
 pytestmark = pytest.mark.bpf
 
@@ -43,8 +42,7 @@ BOTH = [IFACE, OTHER]
 @pytest.fixture
 def site(site):
     """conftest's site, with a second interface."""
-    sh("ip", "-n", site.netns, "link", "add", OTHER, "type", "veth", "peer", "name", "rgap-y1")
-    return site
+    return site.add_interface(OTHER)
 
 
 def pin_of(site, ifname, ns_key=None):
@@ -71,7 +69,7 @@ def pin_tree(site):
             )
             for d in names
         ]
-    return sorted(dirs), pin_files(site)
+    return sorted(dirs), site.pin_files()
 
 
 def count(site, ifname, n):
@@ -100,7 +98,7 @@ def pins_state(site, ns_key, ifnames=BOTH):
 def host_state(site, ifnames=BOTH):
     return {
         "filters": {
-            (ifname, hook): tc_filters(site.netns, ifname, hook)
+            (ifname, hook): site.tc(ifname, hook)
             for ifname in ifnames
             for hook in ("ingress", "egress")
         },
@@ -156,21 +154,8 @@ def test_absent_that_fails_on_the_second_interface_puts_both_back(site, template
     assert not os.path.exists(site.pin_root)
     assert_gone([i for maps, _more, _egress in before["pins"].values() for i in maps.values()])
     for ifname in BOTH:
-        assert tc_show(site, ifname, "ingress") == [] and tc_show(site, ifname, "egress") == []
+        assert site.tc(ifname, "ingress") == [] and site.tc(ifname, "egress") == []
         assert "clsact" not in qdiscs(site.netns, ifname)
-
-
-def older_layout(site):
-    """What a release with layout version 3 left for IFACE: two of its maps pinned (see
-    tests/root/test_pin_lifecycle.py); a removal unpins them after the interface's own."""
-    old = os.path.join(site.pin_root, "v3", site.ns_key, IFACE)
-    os.makedirs(old, 0o700)
-    os.chmod(os.path.dirname(old), 0o700)
-    os.chmod(os.path.dirname(os.path.dirname(old)), 0o700)
-    for name in ("conns", "counters"):
-        with _bpfsys.owned_fd(_bpfsys.obj_get(os.path.join(site.pin, name))) as fd:
-            _bpfsys.obj_pin(fd, os.path.join(old, name))
-    return old
 
 
 @pytest.mark.parametrize("blocked", ["its pins", "an older layout's pins"])
@@ -180,7 +165,7 @@ def test_absent_that_fails_half_way_through_one_removal_puts_it_back(site, templ
     # layout's) are gone too by then.
     _deploy.apply(site.params(limit=4), template)
     count(site, IFACE, 7)
-    old = older_layout(site)
+    old = site.pin_older_layout(3)  # a removal unpins it after the interface's own
     block_unpin(site.pin if blocked == "its pins" else old)
     before, tree = host_state(site, [IFACE]), pin_tree(site)
     assert "clsact" in before["qdiscs"][IFACE] and all(before["pins"][IFACE][1:])

@@ -26,22 +26,15 @@ from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils._errors import LimiterError
 
-from .sites import IFACE, only, sh, tc_filters
+from .sites import IFACE, OTHER, only, sh
 
 pytestmark = pytest.mark.bpf
-
-OTHER = "rgap-y0"
 
 
 @pytest.fixture
 def site(site):
     """conftest's site, with a second interface."""
-    sh("ip", "-n", site.netns, "link", "add", OTHER, "type", "veth", "peer", "name", "rgap-y1")
-    return site
-
-
-def tc_show(site, ifname, hook):
-    return tc_filters(site.netns, ifname, hook)
+    return site.add_interface(OTHER)
 
 
 def slot(site, ifname, n=_compile.INGRESS_MORE_SLOT):
@@ -62,21 +55,14 @@ def slots(site, ifname):
     )
 
 
-def pin_files(site):
-    found = []
-    for top, _dirs, files in os.walk(site.pin_root):
-        found += [os.path.relpath(os.path.join(top, f), site.pin_root) for f in files]
-    return sorted(found)
-
-
 def host_state(site):
     return {
         "filters": {
-            (ifname, hook): tc_show(site, ifname, hook)
+            (ifname, hook): site.tc(ifname, hook)
             for ifname in (IFACE, OTHER)
             for hook in ("ingress", "egress")
         },
-        "pins": pin_files(site),
+        "pins": site.pin_files(),
         "walk_more": {ifname: slots(site, ifname) for ifname in (IFACE, OTHER)},
         "info": site.info(),
     }
@@ -110,7 +96,7 @@ def test_a_first_deploy_whose_egress_attach_fails_leaves_nothing_running(site, t
         _deploy.apply(site.params(), template)
 
     assert host_state(site) == before
-    assert tc_show(site, IFACE, "ingress") == []  # the new ingress program is gone again
+    assert site.tc(IFACE, "ingress") == []  # the new ingress program is gone again
     assert not os.path.exists(site.pin)
 
 
@@ -153,7 +139,7 @@ def test_a_failure_on_the_second_interface_undoes_a_first_deploy_on_the_first(si
         _deploy.apply(site.params(interfaces=[IFACE, OTHER]), template)
 
     assert host_state(site) == before
-    assert pin_files(site) == []
+    assert site.pin_files() == []
 
 
 def test_an_overrides_change_waits_for_the_builds_and_is_not_made_when_one_fails(site, template):
@@ -173,7 +159,7 @@ def test_an_overrides_change_waits_for_the_builds_and_is_not_made_when_one_fails
 
 def egress_id(site, ifname):
     """The id of the program attached at the limiter's egress slot."""
-    (found,) = [f for f in tc_show(site, ifname, "egress") if "options" in f]
+    (found,) = [f for f in site.tc(ifname, "egress") if "options" in f]
     return found["options"]["prog"]["id"]
 
 
@@ -183,34 +169,31 @@ def empty_slot(site, n=_compile.INGRESS_MORE_SLOT):
         assert _bpfsys.map_delete(fd, struct.pack("=I", n))
 
 
-def test_an_empty_egress_slot_is_drift_and_repaired(site, template):
-    """The egress program goes on with a long broker segment in itself, through walk_more's
-    egress slot: empty, it stops after EGRESS_MAX_FRAMES frames (counted missed)."""
+@pytest.mark.parametrize(
+    "n, drift",
+    [
+        (_compile.INGRESS_MORE_SLOT, _plan.CONTINUATION_GONE),
+        (_compile.EGRESS_MORE_SLOT, _plan.EGRESS_CONTINUATION_GONE),
+    ],
+    ids=["continuation", "egress"],
+)
+def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template, n, drift):
+    """The ingress walk goes on in its continuation, the egress program with a long broker
+    segment in itself, through a walk_more slot: empty, the walk stops after its frame
+    budget (counted missed)."""
     _deploy.apply(site.params(), template)
-    empty_slot(site, _compile.EGRESS_MORE_SLOT)
+    empty_slot(site, n)
     (entry,) = site.info()
-    assert entry["drift"] == _plan.EGRESS_CONTINUATION_GONE and entry["attached"] is False
-
-    repaired = only(_deploy.apply(site.params(), template))
-
-    assert (repaired.action, repaired.reason) == (_plan.REPAIR, _plan.EGRESS_CONTINUATION_GONE)
-    assert site.info()[0]["drift"] is None
-    assert slot(site, IFACE, _compile.EGRESS_MORE_SLOT) == egress_id(site, IFACE)
-    assert only(_deploy.apply(site.params(), template)).action == _plan.NONE
-
-
-def test_an_empty_walk_more_slot_is_drift_and_repaired(site, template):
-    _deploy.apply(site.params(), template)
-    empty_slot(site)
-    (entry,) = site.info()
-    assert entry["drift"] == _plan.CONTINUATION_GONE and entry["attached"] is False
+    assert entry["drift"] == drift and entry["attached"] is False
 
     result = _deploy.apply(site.params(), template)
 
     assert result.changed
-    assert (only(result).action, only(result).reason) == (_plan.REPAIR, _plan.CONTINUATION_GONE)
-    (entry,) = site.info()
-    assert entry["drift"] is None and slot(site, IFACE)
+    assert (only(result).action, only(result).reason) == (_plan.REPAIR, drift)
+    assert site.info()[0]["drift"] is None
+    assert slot(site, IFACE, n)
+    if n == _compile.EGRESS_MORE_SLOT:
+        assert slot(site, IFACE, n) == egress_id(site, IFACE)  # the attached program itself
     assert not _deploy.apply(site.params(), template).changed
 
 
@@ -266,6 +249,6 @@ def test_a_foreign_filter_the_run_had_to_delete_is_named_when_the_run_fails(site
     msg = str(failed.value)
     assert "NOT as before" in msg and "the bpf ingress filter that was in the limiter's slot" in msg
     # What is left is exactly what the message says: that filter is gone, nothing of ours is.
-    assert tc_show(site, IFACE, "ingress") == []
-    assert [f.get("protocol") for f in tc_show(site, IFACE, "egress") if "options" in f] == ["ip"]
-    assert pin_files(site) == []
+    assert site.tc(IFACE, "ingress") == []
+    assert [f.get("protocol") for f in site.tc(IFACE, "egress") if "options" in f] == ["ip"]
+    assert site.pin_files() == []

@@ -63,6 +63,11 @@ def sh(*argv):
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
+def tc_in(site, *argv):
+    """iproute2's tc in the site's namespace."""
+    sh("ip", "netns", "exec", site.netns, "tc", *argv)
+
+
 def sh_quiet(*argv):
     """For cleanup: never raises, so one failure does not skip the rest."""
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
@@ -444,21 +449,7 @@ def test_shot_program_drops_ping_until_detached(pair, programs):
 
 def test_clsact_lives_beside_a_root_qdisc():
     with named_site() as site, _tc.open_netns(site.netns) as tc:
-        sh(
-            "ip",
-            "netns",
-            "exec",
-            site.netns,
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            site.ifname,
-            "root",
-            "handle",
-            "1:",
-            "htb",
-        )
+        tc_in(site, "qdisc", "add", "dev", site.ifname, "root", "handle", "1:", "htb")
         assert tc.ensure_clsact(site.ifname) is True
         assert tc.remove_clsact_if_empty(site.ifname) is True
         kinds = [q["kind"] for q in tc_json(site.ns_path, "qdisc", "show", "dev", site.ifname)]
@@ -467,7 +458,7 @@ def test_clsact_lives_beside_a_root_qdisc():
 
 def test_ingress_qdisc_is_refused_and_left_alone():
     with named_site() as site, _tc.open_netns(site.netns) as tc:
-        sh("ip", "netns", "exec", site.netns, "tc", "qdisc", "add", "dev", site.ifname, "ingress")
+        tc_in(site, "qdisc", "add", "dev", site.ifname, "ingress")
         with pytest.raises(LimiterError) as err:
             tc.ensure_clsact(site.ifname)
         assert "'ingress' qdisc" in err.value.msg and site.ifname in err.value.msg
@@ -497,28 +488,10 @@ def test_egress_filter_keeps_clsact(programs):
 def test_foreign_filter_at_our_pref_is_reported(programs):
     with named_site() as site, _tc.open_netns(site.netns) as tc:
         tc.ensure_clsact(site.ifname)
-        sh(
-            "ip",
-            "netns",
-            "exec",
-            site.netns,
-            "tc",
-            "filter",
-            "add",
-            "dev",
-            site.ifname,
-            "ingress",
-            "pref",
-            str(PREF),
-            "protocol",
-            "all",
-            "u32",
-            "match",
-            "u32",
-            "0",
-            "0",
-            "classid",
-            "1:1",
+        tc_in(
+            site,
+            *("filter", "add", "dev", site.ifname, "ingress", "pref", str(PREF), "protocol"),
+            *("all", "u32", "match", "u32", "0", "0", "classid", "1:1"),
         )
         with pytest.raises(LimiterError) as err:
             tc.attach(site.ifname, fd_of(programs, "rg_pass"), "rabbitguard-x", PREF, HANDLE)

@@ -780,3 +780,63 @@ def test_an_undo_that_cannot_be_done_in_full_says_what_is_left(host, monkeypatch
     assert msg.startswith("attaching the egress filter: boom; ")
     assert "NOT as before" in msg and "ingress filter: detaching: the kernel said no" in msg
     assert host.pinned == {}  # what could be undone was
+
+
+class RealFdHeldPins(FakeHeldPins):
+    """FakeHeldPins holding one real fd, as _pins.HeldPins holds every pin open."""
+
+    def __init__(self, pins, pin):
+        super().__init__(pins, pin)
+        self.fd = os.open(os.devnull, os.O_RDONLY)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("wanted", ["present", "absent"])
+def test_a_run_that_fails_taking_its_undo_leaves_no_fd_open(host, monkeypatch, wanted):
+    """Before touching an interface the run holds open the programs in its slots (and, to
+    remove it, every pin). When reading walk_more fails after some of those were opened, the
+    run fails naming the cause, changes nothing, and holds nothing open: a long-lived caller
+    (the boot program, a test) keeps no program or map alive by a leaked fd."""
+    run(limit=4)
+    pinned = state(host)
+    monkeypatch.setattr(_bpfsys, "prog_get_fd_by_id", lambda prog_id: os.open(os.devnull, 0))
+    monkeypatch.setattr(_bpfsys, "close", os.close)
+    monkeypatch.setattr(_pins, "HeldPins", lambda pin: RealFdHeldPins(host, pin))
+
+    def unreadable(pin, slot=0):
+        raise LimiterError("opening pinned BPF object %s/walk_more: Permission denied" % pin)
+
+    monkeypatch.setattr(_pins, "continuation_id", unreadable)
+    before = open_fds()
+    outcome = run(state=wanted, limit=6)
+    assert outcome.failed and "walk_more: Permission denied" in outcome.result["msg"]
+    assert open_fds() - before == set()  # none left open
+    assert state(host) == pinned
+
+
+def test_held_pins_that_cannot_open_every_pin_leave_no_fd_open(tmp_path, monkeypatch):
+    """_pins.HeldPins opens every pin of an interface; one it cannot open fails it, and the
+    ones already opened are closed."""
+    pin = tmp_path / "v9" / "host" / "eth0"
+    pin.mkdir(parents=True)
+    for name in ("conns", "counters", "walk_more"):
+        (pin / name).touch()
+
+    def obj_get(path):
+        if path.endswith("walk_more"):
+            raise LimiterError("opening pinned BPF object %s: Permission denied" % path)
+        return os.open(os.devnull, os.O_RDONLY)
+
+    monkeypatch.setattr(_bpfsys, "obj_get", obj_get)
+    before = open_fds()
+    with pytest.raises(LimiterError, match="walk_more: Permission denied"):
+        _pins.HeldPins(str(pin))
+    assert open_fds() - before == set()

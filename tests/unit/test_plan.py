@@ -158,10 +158,10 @@ def test_drift_names_what_disagrees(found, reason):
 def test_every_filter_before_ours_is_a_warning():
     u32 = {"pref": 1, "kind": "u32", "protocol": 3}  # dumped as its hash table and its node
     found = {"shadows": [{"pref": 1, "kind": "bpf", "protocol": 3}, u32, dict(u32)]}
-    warning, other = _plan.shadow_warnings("eth0", found, 49152)
+    warning, other = _plan.shadow_warnings("eth0", found, C.FILTER_PREF)
     assert "eth0: a u32 filter at pref 1" in other
     assert "eth0: a bpf filter at pref 1 (protocol 0x0003)" in warning
-    assert _plan.shadow_warnings("eth0", {"shadows": []}, 49152) == []
+    assert _plan.shadow_warnings("eth0", {"shadows": []}, C.FILTER_PREF) == []
 
 
 @pytest.mark.parametrize(
