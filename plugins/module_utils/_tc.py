@@ -410,7 +410,7 @@ class Tc:
                 direct_action=True,
             )
         except _NL_ERRORS as e:
-            doing = "attaching BPF filter %s (pref %d, handle %d) to %s of" % (
+            doing = "attaching BPF filter %s (pref %d, handle 0x%x) to %s of" % (
                 name,
                 pref,
                 handle,
@@ -471,6 +471,6 @@ class Tc:
         except _NL_ERRORS as e:
             if _code(e) == errno.ENOENT:
                 return False
-            doing = "detaching filter (pref %d, handle %d) from %s of" % (pref, handle, hook)
+            doing = "detaching filter (pref %d, handle 0x%x) from %s of" % (pref, handle, hook)
             raise self._error(doing, ifname, e, pref=pref, handle=handle) from e
         return True
