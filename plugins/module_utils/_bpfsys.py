@@ -34,6 +34,7 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -87,7 +88,7 @@ class _TestRunAttr(ctypes.Structure):
 
 
 class _GetIdAttr(ctypes.Structure):
-    # BPF_*_GET_FD_BY_ID
+    # BPF_*_GET_FD_BY_ID, BPF_*_GET_NEXT_ID (start_id in 'id')
     _fields_ = [
         ("id", ctypes.c_uint32),
         ("next_id", ctypes.c_uint32),
@@ -342,6 +343,19 @@ def map_get_fd_by_id(map_id: int) -> int:
     """Open the map with this id (e.g. from prog_info()['map_ids']); returns a new fd."""
     attr = _GetIdAttr(id=map_id)
     return _bpf(BPF_MAP_GET_FD_BY_ID, attr, "opening BPF map id %d" % map_id)
+
+
+def map_exists(map_id: int) -> bool:
+    """Whether a map with this id is still in the kernel, asked without opening it.
+    Opening a map by id takes a user reference, and dropping the last one again makes the
+    kernel clear a prog array once more (prog_array_map_clear takes a reference for its
+    queued work), and a test that polled a removed `walk_more` that way while its first
+    clear was still queued left it in the kernel for good on 6.18: empty, with no pin, fd
+    or program holding it. So whoever waits for a map to go asks this instead."""
+    attr = _GetIdAttr(id=map_id - 1)
+    if _bpf(BPF_MAP_GET_NEXT_ID, attr, "listing BPF map ids", tolerate=(errno.ENOENT,)) < 0:
+        return False
+    return attr.next_id == map_id
 
 
 # The kernel copies key_size and value bytes to and from our buffers without being

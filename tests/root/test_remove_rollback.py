@@ -113,13 +113,7 @@ def assert_gone(map_ids, wait=5.0):
     last program using them is)."""
     deadline = time.monotonic() + wait
     while True:
-        left = []
-        for map_id in map_ids:
-            try:
-                _bpfsys.close(_bpfsys.map_get_fd_by_id(map_id))
-                left.append(map_id)
-            except LimiterError:
-                pass
+        left = [map_id for map_id in map_ids if _bpfsys.map_exists(map_id)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)
