@@ -1,5 +1,5 @@
 """Everything a deployment pins goes and comes together: the maps of the layout (conns,
-channels, counters, config, refusals, overrides, egress) and the walk's continuation array
+channels, counters, config, refusals, overrides, egress, egress_slots) and the walk's continuation array
 (walk_more), through _deploy.apply on a real kernel, in a throwaway namespace
 (tests/root/test_apply.py's site).
 
