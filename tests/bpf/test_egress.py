@@ -5,6 +5,7 @@ there), then feeds the broker's segments to the egress program of the same compi
 source and maps, on both payload read paths (conftest `dataplanes`).
 """
 
+import random
 import struct
 
 import pytest
@@ -288,16 +289,20 @@ def read_slot(dp, flow):
     return _layout.decode(_layout.EgressSlot, raw)
 
 
-def colliding_ports(dp, n, client="198.18.0.2"):
-    """n client ports whose connections (to BROKER_V4:dp.port) map to one slot."""
-    by_slot = {}
-    for port in range(30000, 65536):
+def colliding(dp, n):
+    """n (client address, client port) pairs whose connections (to BROKER_V4:dp.port) map
+    to one slot, drawn at random (seeded) from 198.18.0.0/16: a structured set (consecutive
+    ports, or addresses) hardly ever collides, the hash spreads it."""
+    by_slot, draw = {}, random.Random(7)
+    for _i in range(400000):
+        client = "198.18.%d.%d" % (draw.randrange(256), draw.randrange(2, 255))
+        port = draw.randrange(1024, 65536)
         key = _layout.conn_key(client, port, BROKER_V4, dp.port)
         same = by_slot.setdefault(_layout.egress_slot_index(bytes(key)), [])
-        same.append(port)
+        same.append(dict(client=client, client_port=port))
         if len(same) == n:
             return same
-    raise AssertionError("no %d ports share a slot" % n)
+    raise AssertionError("no %d connections share a slot" % n)
 
 
 # A delivery whose body is made of lookalike cancels, cut so that its second segment starts
@@ -321,9 +326,9 @@ def send_rest(broker):
 def test_two_connections_in_one_slot_are_both_tracked(dp):
     """The second connection's SYN-ACK finds its slot held by a live connection: it goes to
     the LRU, and the first keeps its position. A broker cancel on each frees one of each."""
-    first, second = colliding_ports(dp, 2)
-    a, a_broker = opened(dp, consumers=3, client_port=first)
-    b, b_broker = opened(dp, consumers=3, client_port=second)
+    first, second = colliding(dp, 2)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
     assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
     send_first_part(a_broker)
     send_first_part(b_broker)
@@ -342,16 +347,16 @@ def test_slot_of_a_connection_that_ended_unseen_is_taken_once_stale(dp):
     """A connection that vanished without a FIN or RST passing here keeps its slot only
     until it goes stale: the next connection mapping there then takes it (no slow path for
     good after churn), while one that came while it was live stays in the LRU, tracked."""
-    gone_port, early_port, late_port = colliding_ports(dp, 3)
-    gone, _gone_broker = opened(dp, consumers=1, client_port=gone_port)
-    early, early_broker = opened(dp, consumers=3, client_port=early_port)
+    gone_port, early_port, late_port = colliding(dp, 3)
+    gone, _gone_broker = opened(dp, consumers=1, **gone_port)
+    early, early_broker = opened(dp, consumers=3, **early_port)
     assert (position_store(dp, gone), position_store(dp, early)) == ("slot", "lru")
     # Age the vanished connection's slot: its last segment EGRESS_STALE_JIFFIES + 2 ago.
     slot = read_slot(dp, gone)
     slot.seen = (slot.seen - C.EGRESS_STALE_JIFFIES - 2) & 0xFFFFFFFF
     _bpfsys.map_update(dp.map_fds["egress_slots"], slot_index(dp, gone), bytes(slot))
 
-    late, late_broker = opened(dp, consumers=3, client_port=late_port)
+    late, late_broker = opened(dp, consumers=3, **late_port)
 
     assert position_store(dp, late) == "slot" and position_store(dp, early) == "lru"
     for broker in (late_broker, early_broker):
@@ -362,13 +367,13 @@ def test_slot_of_a_connection_that_ended_unseen_is_taken_once_stale(dp):
 
 
 def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
-    first, second, third = colliding_ports(dp, 3)
-    a, a_broker = opened(dp, consumers=3, client_port=first)
-    b, b_broker = opened(dp, consumers=3, client_port=second)
+    first, second, third = colliding(dp, 3)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
     assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
     # The broker's FIN ends its stream: the slot is free for the next connection at once.
     a_broker.send(b"", flags=packets.FIN | packets.ACK)
-    c, c_broker = opened(dp, consumers=3, client_port=third)
+    c, c_broker = opened(dp, consumers=3, **third)
     assert position_store(dp, c) == "slot"
     # A RST removes the position from the LRU; from a slot, it empties it.
     b_broker.send(b"", flags=packets.RST)
@@ -377,7 +382,7 @@ def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
     assert position_store(dp, c) is None and bytes(read_slot(dp, c).key) == bytes(36)
     # The SYN-ACK of a reused 4-tuple whose position is in the LRU, the slot free now: it
     # moves to the slot, and the LRU entry goes.
-    b2, b2_broker = opened(dp, consumers=3, client_port=second)
+    b2, b2_broker = opened(dp, consumers=3, **second)
     assert position_store(dp, b2) == "slot"
     key = bytes(_layout.conn_key(b2.client, b2.client_port, b2.broker, dp.port))
     assert _bpfsys.map_lookup(dp.map_fds["egress"], key) is None
@@ -389,9 +394,9 @@ def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
 def test_a_replaced_program_pair_goes_on_from_the_positions_in_both_stores(dp):
     """A replace loads new programs on the same pins: positions in the slots and in the LRU
     carry over, so a segment that starts inside a body is skipped, never rejoined at."""
-    first, second = colliding_ports(dp, 2)
-    a, a_broker = opened(dp, consumers=3, client_port=first)
-    b, b_broker = opened(dp, consumers=3, client_port=second)
+    first, second = colliding(dp, 2)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
     assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
     send_first_part(a_broker)
     send_first_part(b_broker)
