@@ -106,7 +106,16 @@ class EgressLimiter:
 
     def prepare(self, header_at):
         state = _layout.EgressState(next_hdr=SEQ + header_at, synced=1)
-        _bpfsys.map_update(self.dp.map_fds["egress"], self.key, bytes(state))
+        slots = self.dp.map_fds.get("egress_slots")
+        if slots is None:  # a template before layout 6: the LRU alone
+            _bpfsys.map_update(self.dp.map_fds["egress"], self.key, bytes(state))
+            return
+        # The connection owns its slot, as one whose SYN-ACK found it free.
+        slot = _layout.EgressSlot(
+            key=_layout.ConnKey.from_buffer_copy(self.key), seen=1, state=state
+        )
+        index = struct.pack("<I", _layout.egress_slot_index(self.key))
+        _bpfsys.map_update(slots, index, bytes(slot))
 
     def fd(self):
         return self.dp.egress.fd

@@ -64,6 +64,12 @@ EGRESS_FILTER_HANDLE = 0x5248
 # (tests/bpf/test_variants budgets it at 800k, of the kernel's 1M).
 EGRESS_MAX_FRAMES = 256
 EGRESS_MORE_SLOT = 1
+# A slot of egress_slots (the egress program's direct-mapped stream positions) whose owner
+# sent nothing for this many jiffies may be taken by another connection: 131 s at HZ=1000,
+# 524 s at HZ=250, 1311 s at HZ=100 (the kernel's HZ is not known when the source is
+# rendered). The owner, should it still be alive, loses its position and rejoins at its
+# next segment that starts on a frame (counted in resyncs), as after any lost position.
+EGRESS_STALE_JIFFIES = 1 << 17
 # Frames walked per segment: a bounded loop the verifier unrolls, so it is not a user knob.
 MAX_FRAMES = 256
 

@@ -15,9 +15,10 @@ __metaclass__ = type
 
 import ctypes
 import ipaddress
+import struct
 from typing import Any
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 MAP_NAMES = (
     "conns",
     "channels",
@@ -26,6 +27,7 @@ MAP_NAMES = (
     "refusals",
     "overrides",
     "egress",
+    "egress_slots",
     "walk_more",
 )
 REFUSAL_LOG_LEN = 64
@@ -178,6 +180,34 @@ class EgressState(ctypes.Structure):
         ("stash", ctypes.c_uint8 * 11),
         ("pad2", ctypes.c_uint8 * 5),
     ]
+
+
+# egress_slots: 2**EGRESS_SLOT_BITS direct-mapped stream positions (the C's EGRESS_SLOTS), a
+# connection's at egress_slot_index(its key); "egress" (LRU) holds the ones that collide.
+EGRESS_SLOT_BITS = 16
+# The multiplier of the slot hash (2**64 / the golden ratio, Fibonacci hashing).
+EGRESS_SLOT_MULT = 0x9E3779B97F4A7C15
+
+
+class EgressSlot(ctypes.Structure):
+    """One slot of egress_slots: the connection that owns it, when it last sent (low 32 bits
+    of jiffies, odd; 0: free for another), and its position."""
+
+    _fields_ = [
+        ("key", ConnKey),
+        ("seen", ctypes.c_uint32),
+        ("state", EgressState),
+    ]
+
+
+def egress_slot_index(key: bytes) -> int:
+    """The slot of egress_slots a connection's key (36 octets, as ConnKey) maps to: the C's
+    egress_slot_of, the four 64-bit words and the last 32-bit word of the key folded by xor,
+    times EGRESS_SLOT_MULT (mod 2**64), top EGRESS_SLOT_BITS bits. The BPF target is
+    little-endian, as every host this runs on."""
+    words = struct.unpack("<4QI", bytes(key))
+    folded = words[0] ^ words[1] ^ words[2] ^ words[3] ^ words[4]
+    return ((folded * EGRESS_SLOT_MULT) & (2**64 - 1)) >> (64 - EGRESS_SLOT_BITS)
 
 
 class DeployedConfig(ctypes.Structure):

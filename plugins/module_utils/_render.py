@@ -98,6 +98,8 @@ def template_values(config: dict[str, Any]) -> dict[str, Any]:
         # A test may render a smaller bound, to reach the tail-call limit in one packet.
         egress_max_frames=config.get("egress_max_frames", _constants.EGRESS_MAX_FRAMES),
         egress_more_slot=_constants.EGRESS_MORE_SLOT,
+        egress_slot_bits=_layout.EGRESS_SLOT_BITS,
+        egress_stale_jiffies=_constants.EGRESS_STALE_JIFFIES,
         missed_causes=_layout.MISSED_CAUSES,
         missed_slots=_layout.MISSED_SLOTS,
     )

@@ -5,11 +5,15 @@ there), then feeds the broker's segments to the egress program of the same compi
 source and maps, on both payload read paths (conftest `dataplanes`).
 """
 
+import random
+import struct
+
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _layout
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _compile, _layout
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from tests.lib import amqp, packets
-from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
+from tests.lib.dataplane import BROKER_V4, TC_ACT_OK, TC_ACT_SHOT, Flow
 
 pytestmark = pytest.mark.bpf
 
@@ -261,3 +265,148 @@ def test_failed_consume_counts_once_across_both_directions(dp):
     assert flow.consumers() == 2 and flow.channels() == {1: 2}
     assert flow.send(amqp.consume(3)) == TC_ACT_OK
     assert flow.send(amqp.consume(3)) == TC_ACT_SHOT
+
+
+# -- where a connection's position is: its slot in egress_slots, or the LRU egress ---------
+def position_store(dp, flow):
+    """Where the connection's position is: "slot" (it owns its slot of egress_slots), "lru"
+    (in egress: its slot is another's), or None."""
+    key = bytes(_layout.conn_key(flow.client, flow.client_port, flow.broker, dp.port))
+    if bytes(read_slot(dp, flow).key) == key:
+        return "slot"
+    if _bpfsys.map_lookup(dp.map_fds["egress"], key) is not None:
+        return "lru"
+    return None
+
+
+def slot_index(dp, flow):
+    key = _layout.conn_key(flow.client, flow.client_port, flow.broker, dp.port)
+    return struct.pack("<I", _layout.egress_slot_index(bytes(key)))
+
+
+def read_slot(dp, flow):
+    raw = _bpfsys.map_lookup(dp.map_fds["egress_slots"], slot_index(dp, flow))
+    return _layout.decode(_layout.EgressSlot, raw)
+
+
+def colliding(dp, n):
+    """n (client address, client port) pairs whose connections (to BROKER_V4:dp.port) map
+    to one slot, drawn at random (seeded) from 198.18.0.0/16: a structured set (consecutive
+    ports, or addresses) hardly ever collides, the hash spreads it."""
+    by_slot, draw = {}, random.Random(7)
+    for _i in range(400000):
+        client = "198.18.%d.%d" % (draw.randrange(256), draw.randrange(2, 255))
+        port = draw.randrange(1024, 65536)
+        key = _layout.conn_key(client, port, BROKER_V4, dp.port)
+        same = by_slot.setdefault(_layout.egress_slot_index(bytes(key)), [])
+        same.append(dict(client=client, client_port=port))
+        if len(same) == n:
+            return same
+    raise AssertionError("no %d connections share a slot" % n)
+
+
+# A delivery whose body is made of lookalike cancels, cut so that its second segment starts
+# right on one: walked from the wrong position (a position lost or mixed up with another
+# connection's), the lookalikes free consumers that are still there.
+LOOKALIKE_BODY = amqp.server_cancel(1) * 10
+LOOKALIKE_STREAM = amqp.deliver(1, LOOKALIKE_BODY) + amqp.server_cancel(1)
+LOOKALIKE_CUT = (
+    len(amqp.deliver(1, LOOKALIKE_BODY)) - 1 - len(LOOKALIKE_BODY) + 3 * len(amqp.server_cancel(1))
+)
+
+
+def send_first_part(broker):
+    broker.send(LOOKALIKE_STREAM[:LOOKALIKE_CUT])
+
+
+def send_rest(broker):
+    broker.send(LOOKALIKE_STREAM[LOOKALIKE_CUT:])
+
+
+def test_two_connections_in_one_slot_are_both_tracked(dp):
+    """The second connection's SYN-ACK finds its slot held by a live connection: it goes to
+    the LRU, and the first keeps its position. A broker cancel on each frees one of each."""
+    first, second = colliding(dp, 2)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
+    assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
+    send_first_part(a_broker)
+    send_first_part(b_broker)
+    send_rest(a_broker)
+    send_rest(b_broker)
+    assert (a.consumers(), b.consumers()) == (2, 2)
+    assert a.channels() == {1: 2} and b.channels() == {1: 2}
+    assert dp.counters()["cancels"] == 2
+    # Both re-subscribe, and are held at the limit again.
+    for flow in (a, b):
+        assert flow.send(amqp.consume(1)) == TC_ACT_OK
+        assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
+
+
+def test_slot_of_a_connection_that_ended_unseen_is_taken_once_stale(dp):
+    """A connection that vanished without a FIN or RST passing here keeps its slot only
+    until it goes stale: the next connection mapping there then takes it (no slow path for
+    good after churn), while one that came while it was live stays in the LRU, tracked."""
+    gone_port, early_port, late_port = colliding(dp, 3)
+    gone, _gone_broker = opened(dp, consumers=1, **gone_port)
+    early, early_broker = opened(dp, consumers=3, **early_port)
+    assert (position_store(dp, gone), position_store(dp, early)) == ("slot", "lru")
+    # Age the vanished connection's slot: its last segment EGRESS_STALE_JIFFIES + 2 ago.
+    slot = read_slot(dp, gone)
+    slot.seen = (slot.seen - C.EGRESS_STALE_JIFFIES - 2) & 0xFFFFFFFF
+    _bpfsys.map_update(dp.map_fds["egress_slots"], slot_index(dp, gone), bytes(slot))
+
+    late, late_broker = opened(dp, consumers=3, **late_port)
+
+    assert position_store(dp, late) == "slot" and position_store(dp, early) == "lru"
+    for broker in (late_broker, early_broker):
+        send_first_part(broker)
+    for broker in (late_broker, early_broker):
+        send_rest(broker)
+    assert (late.consumers(), early.consumers()) == (2, 2)
+
+
+def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
+    first, second, third = colliding(dp, 3)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
+    assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
+    # The broker's FIN ends its stream: the slot is free for the next connection at once.
+    a_broker.send(b"", flags=packets.FIN | packets.ACK)
+    c, c_broker = opened(dp, consumers=3, **third)
+    assert position_store(dp, c) == "slot"
+    # A RST removes the position from the LRU; from a slot, it empties it.
+    b_broker.send(b"", flags=packets.RST)
+    assert position_store(dp, b) is None
+    c_broker.send(b"", flags=packets.RST)
+    assert position_store(dp, c) is None and bytes(read_slot(dp, c).key) == bytes(36)
+    # The SYN-ACK of a reused 4-tuple whose position is in the LRU, the slot free now: it
+    # moves to the slot, and the LRU entry goes.
+    b2, b2_broker = opened(dp, consumers=3, **second)
+    assert position_store(dp, b2) == "slot"
+    key = bytes(_layout.conn_key(b2.client, b2.client_port, b2.broker, dp.port))
+    assert _bpfsys.map_lookup(dp.map_fds["egress"], key) is None
+    send_first_part(b2_broker)
+    send_rest(b2_broker)
+    assert b2.consumers() == 2
+
+
+def test_a_replaced_program_pair_goes_on_from_the_positions_in_both_stores(dp):
+    """A replace loads new programs on the same pins: positions in the slots and in the LRU
+    carry over, so a segment that starts inside a body is skipped, never rejoined at."""
+    first, second = colliding(dp, 2)
+    a, a_broker = opened(dp, consumers=3, **first)
+    b, b_broker = opened(dp, consumers=3, **second)
+    assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
+    send_first_part(a_broker)
+    send_first_part(b_broker)
+    bpf, function = _compile.compile_and_load(dp.source, dp.pin_dir)
+    old = dp.function, dp.egress
+    try:
+        dp.function, dp.egress = function, _compile.load_egress(bpf)
+        send_rest(a_broker)
+        send_rest(b_broker)
+        assert (a.consumers(), b.consumers()) == (2, 2)
+    finally:
+        dp.function, dp.egress = old
+        bpf.cleanup()

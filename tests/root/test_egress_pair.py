@@ -5,16 +5,20 @@ Both filters are there after a deploy, under one name; a replace swaps both; abs
 both; a missing, foreign or stale egress filter is repaired; info reports both programs.
 """
 
+import os
+import struct
 import subprocess
 
 import pytest
 
-from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import (
+    _bpfsys,
     _deploy,
+    _layout,
     _plan,
     _tc,
 )
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _constants as C
 
 from .sites import IFACE, only, tc_filters
 
@@ -54,6 +58,35 @@ def test_replace_swaps_both(site, template):
     assert replaced.action == _plan.REPLACE
     assert names(site, "egress") == names(site, "ingress") != before
     assert len(hook_filters(site, "egress")) == 1
+
+
+def test_replace_keeps_the_egress_positions(site, template):
+    """Both stores of the egress program's stream positions (the direct-mapped slots and the
+    LRU behind them) are pins: a replaced pair finds the same maps, with what they held."""
+    _deploy.apply(site.params(limit=3), template)
+    key = _layout.conn_key("198.18.0.2", 40000, "198.18.0.1", site.params()["port"])
+    index = struct.pack("<I", _layout.egress_slot_index(bytes(key)))
+    state = _layout.EgressState(next_hdr=123456, synced=1)
+    slot = bytes(_layout.EgressSlot(key=key, seen=1, state=state))
+    other = bytes(_layout.conn_key("198.18.0.3", 40001, "198.18.0.1", site.params()["port"]))
+    before = {}
+    for name, k, value in (("egress_slots", index, slot), ("egress", other, bytes(state))):
+        fd = _bpfsys.obj_get(os.path.join(site.pin, name))
+        try:
+            _bpfsys.map_update(fd, k, value)
+            before[name] = _bpfsys.map_info(fd)["id"]
+        finally:
+            _bpfsys.close(fd)
+
+    assert only(_deploy.apply(site.params(limit=5), template)).action == _plan.REPLACE
+
+    for name, k, value in (("egress_slots", index, slot), ("egress", other, bytes(state))):
+        fd = _bpfsys.obj_get(os.path.join(site.pin, name))
+        try:
+            assert _bpfsys.map_info(fd)["id"] == before[name]
+            assert _bpfsys.map_lookup(fd, k) == value
+        finally:
+            _bpfsys.close(fd)
 
 
 def test_a_missing_egress_filter_is_repaired(site, template):

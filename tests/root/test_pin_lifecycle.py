@@ -1,6 +1,6 @@
 """Everything a deployment pins goes and comes together: the maps of the layout (conns,
-channels, counters, config, refusals, overrides, egress) and the walk's continuation array
-(walk_more), through _deploy.apply on a real kernel, in a throwaway namespace
+channels, counters, config, refusals, overrides, egress, egress_slots) and the walk's
+continuation array (walk_more), through _deploy.apply on a real kernel, in a throwaway namespace
 (tests/root/test_apply.py's site).
 
 walk_more is filled only once the new program pair is attached (the program it replaces
