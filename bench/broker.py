@@ -566,8 +566,12 @@ def summarize_before(tso, name, conns, rounds, fpm):
         ns = sum(c["prog_ns"] for c in cells)
         frames = fpm * sum(c["done"] for c in cells)
         share = ns / 1e9 / max(sum(c["cpu"] for c in cells), 1e-9)
-        missed = sum(c["counters"].get("missed", 0) for c in cells)
-        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, missed %d"
+        counters = counter_sum(c["counters"] for c in cells)
+        missed = "%d" % counters.get("missed", 0)
+        causes = counters["missed_by_cause"]
+        if causes:  # by cause, as in the table (the trace of a miss starts there)
+            missed += " (%s)" % ", ".join("%s %d" % kv for kv in sorted(causes.items()))
+        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, missed %s"
                    % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, frames / runs,
                       missed))  # fmt: skip
     return "| %s | %s | %d | %s |" % (tso, name, conns, " · ".join(out))
