@@ -323,15 +323,22 @@ def send_rest(broker):
     broker.send(LOOKALIKE_STREAM[LOOKALIKE_CUT:])
 
 
-def test_two_connections_in_one_slot_are_both_tracked(dp):
-    """The second connection's SYN-ACK finds its slot held by a live connection: it goes to
-    the LRU, and the first keeps its position. A broker cancel on each frees one of each."""
+def two_in_one_slot(dp):
+    """Two connections of 3 consumers whose keys map to one slot: the first holds it, the
+    second is in the LRU; each broker stream is cut inside a body (send_rest goes on)."""
     first, second = colliding(dp, 2)
     a, a_broker = opened(dp, consumers=3, **first)
     b, b_broker = opened(dp, consumers=3, **second)
     assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
     send_first_part(a_broker)
     send_first_part(b_broker)
+    return a, a_broker, b, b_broker
+
+
+def test_two_connections_in_one_slot_are_both_tracked(dp):
+    """The second connection's SYN-ACK finds its slot held by a live connection: it goes to
+    the LRU, and the first keeps its position. A broker cancel on each frees one of each."""
+    a, a_broker, b, b_broker = two_in_one_slot(dp)
     send_rest(a_broker)
     send_rest(b_broker)
     assert (a.consumers(), b.consumers()) == (2, 2)
@@ -394,12 +401,7 @@ def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
 def test_a_replaced_program_pair_goes_on_from_the_positions_in_both_stores(dp):
     """A replace loads new programs on the same pins: positions in the slots and in the LRU
     carry over, so a segment that starts inside a body is skipped, never rejoined at."""
-    first, second = colliding(dp, 2)
-    a, a_broker = opened(dp, consumers=3, **first)
-    b, b_broker = opened(dp, consumers=3, **second)
-    assert (position_store(dp, a), position_store(dp, b)) == ("slot", "lru")
-    send_first_part(a_broker)
-    send_first_part(b_broker)
+    a, a_broker, b, b_broker = two_in_one_slot(dp)
     bpf, function = _compile.compile_and_load(dp.source, dp.pin_dir)
     old = dp.function, dp.egress
     try:
