@@ -18,7 +18,7 @@ import ipaddress
 import struct
 from typing import Any
 
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 MAP_NAMES = (
     "conns",
     "channels",
@@ -71,6 +71,8 @@ class ConnState(ctypes.Structure):
         ("rcv_nxt", ctypes.c_uint32),
         ("ooo_start", ctypes.c_uint32),
         ("ooo_end", ctypes.c_uint32),
+        ("far_start", ctypes.c_uint32),
+        ("far_end", ctypes.c_uint32),
         ("syn_next", ctypes.c_uint32),
         ("synced", ctypes.c_uint8),
         ("ended", ctypes.c_uint8),
