@@ -17,7 +17,7 @@ import ctypes
 import ipaddress
 from typing import Any
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 MAP_NAMES = (
     "conns",
     "channels",
@@ -27,6 +27,7 @@ MAP_NAMES = (
     "overrides",
     "egress",
     "walk_more",
+    "tag_key",
 )
 REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
@@ -50,6 +51,9 @@ CHAN_SLOTS = 8
 # Channels in "channels" that the entry lists, to delete them with it (the C's OVER_SLOTS):
 # channel n at over[n % OVER_SLOTS].
 OVER_SLOTS = 16
+# Live consumers' tags a connection keeps (the C's TAG_SLOTS): a cancel frees a slot only
+# for a consumer it knows (or one of its `untagged` consumers).
+TAG_SLOTS = 16
 
 
 class ChanSlot(ctypes.Structure):
@@ -78,6 +82,9 @@ class ConnState(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("chans", ChanSlot * CHAN_SLOTS),
         ("over", ctypes.c_uint16 * OVER_SLOTS),
+        ("tags", ctypes.c_uint64 * TAG_SLOTS),
+        ("untagged", ctypes.c_uint32),
+        ("anon", ctypes.c_uint32),
     ]
 
 
@@ -141,6 +148,8 @@ class Counters(ctypes.Structure):
             "held",
             "passed_ahead",
             "missed",
+            "cancels_unknown",
+            "tags_unreadable",
         )
     ] + [("missed_by_cause", ctypes.c_uint64 * MISSED_SLOTS)]
 
@@ -190,6 +199,12 @@ class DeployedConfig(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("digest", ctypes.c_uint8 * 32),
     ]
+
+
+class TagKey(ctypes.Structure):
+    """The consumer-tag hash's secret key (the tag_key map), random, made by the loader."""
+
+    _fields_ = [("k0", ctypes.c_uint64), ("k1", ctypes.c_uint64)]
 
 
 class OverrideKey(ctypes.Structure):
