@@ -9,6 +9,7 @@ cancel("x"), consume(T2), cancel("x"), ... have consumers without end.
 
 import pytest
 
+from ansible_collections.rabbitguard.limiter.plugins.module_utils import _compile
 from tests.bpf.test_egress import opened
 from tests.bpf.test_seed_pickup import seed
 from tests.lib import amqp
@@ -230,3 +231,18 @@ def test_refused_segment_commits_no_tag(dp):
     assert flow.consumers() == 2
     assert flow.send(amqp.cancel(1, tag="T1")) == TC_ACT_OK
     assert flow.consumers() == 1
+
+
+def test_the_tag_key_is_random_and_kept_across_a_replace(dataplanes):
+    dp = dataplanes(limit=3, action="drop")
+    key = dp.bpf[b"tag_key"][0]
+    other = dataplanes(limit=4, action="drop").bpf[b"tag_key"][0]
+    assert (key.k0, key.k1) != (0, 0) and (key.k0, key.k1) != (other.k0, other.k1)
+    # A replace compiles again against the same pins: the key stays, so that the tags the
+    # old program recorded are found by the new one.
+    bpf, _function = _compile.compile_and_load(dp.source, dp.pin_dir, fill=False)
+    try:
+        again = bpf[b"tag_key"][0]
+        assert (again.k0, again.k1) == (key.k0, key.k1)
+    finally:
+        bpf.cleanup()
