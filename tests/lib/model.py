@@ -11,9 +11,7 @@ possibly coalesced with new bytes), never a gap. Gaps, resynchronisation and the
 per-segment frame bound are specific to the classifier and covered by named tests.
 
 Cancels free a slot only for a consumer known to be live (README, "Cancels"): the tags of
-live consumers are kept, up to TAG_SLOTS per connection (a consume-ok never comes in a
-client-only stream, so a cancelled one keeps its place until its channel closes); a
-consumer beyond them, or whose tag was not whole in the segment that completed its
+live consumers are kept, up to TAG_SLOTS per connection; a consumer beyond them, or whose tag was not whole in the segment that completed its
 frame's header, is "untagged", and a cancel of a tag not found takes one of those, if
 any. A cancel whose tag is not whole in that segment frees as blindly as before.
 ``broker=True`` models the broker instead: every tag known, nothing untagged.
@@ -48,7 +46,7 @@ class ConnectionModel:
     def __init__(self, limit, action="drop", frame_max=131072, broker=False):
         self.limit, self.action, self.frame_max = limit, action, frame_max
         self.broker = broker
-        self.tags = []  # [channel, tag, cancelled], at most TAG_SLOTS (unless broker)
+        self.tags = []  # (channel, tag) of live consumers, at most TAG_SLOTS (unless broker)
         self.untagged = 0  # live consumers whose tag is not in self.tags
         self.start_seq = None
         self.stream = bytearray()  # accepted bytes, protocol header first
@@ -81,7 +79,7 @@ class ConnectionModel:
 
         channels, counts = dict(self.channels), Counter()
         self._new_mark = None
-        saved = [list(t) for t in self.tags], self.untagged
+        saved = list(self.tags), self.untagged
         cursor, refused, closed = self._apply(candidate, self.cursor, channels, counts)
         if refused:
             self.tags, self.untagged = saved
@@ -126,20 +124,16 @@ class ConnectionModel:
         elif tag == b"":
             pass  # its tag comes with the consume-ok (never, in a client-only stream)
         elif self.broker or len(self.tags) < TAG_SLOTS:
-            self.tags.append([channel, tag, False])
+            self.tags.append((channel, tag))
         else:
             self.untagged += 1
 
     def _cancel_frees(self, channel, tag, counts):
         if tag is None:
             return True
-        for entry in self.tags:
-            if entry[:2] == [channel, tag] and not entry[2]:
-                if self.broker:
-                    self.tags.remove(entry)
-                else:
-                    entry[2] = True  # unconfirmed: kept until its consume-ok or close
-                return True
+        if (channel, tag) in self.tags:
+            self.tags.remove((channel, tag))
+            return True
         if self.untagged > 0:
             self.untagged -= 1
             return True
