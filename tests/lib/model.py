@@ -10,10 +10,11 @@ Scope: one connection, segments in order or overlapping earlier ones (retransmis
 possibly coalesced with new bytes), never a gap. Gaps, resynchronisation and the
 per-segment frame bound are specific to the classifier and covered by named tests.
 
-Cancels free a slot only for a consumer known to be live (README, "Cancels"): the tags of
-live consumers are kept, up to TAG_SLOTS per connection; a consumer beyond them, or whose tag was not whole in the segment that completed its
-frame's header, is "untagged", and a cancel of a tag not found takes one of those, if
-any. A cancel whose tag is not whole in that segment frees as blindly as before.
+Cancels free a slot only for a consumer known to be live (README, "Cancels by consumer
+tag"): the tags of live consumers are kept, up to TAG_SLOTS per connection; a consumer
+beyond them, or whose tag was not whole in the segment that completed its frame's header,
+is "untagged", and a cancel of a tag not found takes one of those, if any. A cancel whose
+tag is not whole in that segment frees as blindly as before.
 ``broker=True`` models the broker instead: every tag known, nothing untagged.
 """
 
