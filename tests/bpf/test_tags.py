@@ -209,6 +209,25 @@ def test_cancel_whose_tag_is_cut_by_the_segment_end_frees(dp, cut):
     assert flow.send(amqp.consume(1, tag="T4")) == TC_ACT_OK
 
 
+def test_a_cut_made_up_cancel_lets_one_consumer_more_through_not_more(dp):
+    """The fallback's cost (README): a made-up cancel whose tag is cut frees a slot the
+    broker keeps; the broker then holds limit + 1 consumers at most, however the client
+    frees slots honestly afterwards (tcp_harness bar (b), from its smallest failing stream)."""
+    flow, _ = opened(dp)
+    consumes(flow, ["T1", "T2"])
+    consumes(flow, ["T3"], channel=2)
+    cancel = amqp.cancel(1, tag="made-up")
+    assert flow.send(cancel[:12]) == TC_ACT_OK  # up to its tag's length octet
+    assert flow.send(cancel[12:]) == TC_ACT_OK
+    assert flow.consumers() == 2 and dp.counters()["tags_unreadable"] == 1
+    consumes(flow, ["T4"])  # the broker: 4 live
+    assert flow.send(amqp.consume(1, tag="T5")) == TC_ACT_SHOT
+    assert flow.send(amqp.channel_close(2)) == TC_ACT_OK  # the broker: 3 live
+    consumes(flow, ["T6"], channel=3)  # the broker: 4 live again, one over: allowed
+    assert flow.send(amqp.consume(3, tag="T7")) == TC_ACT_SHOT
+    assert flow.consumers() == 3
+
+
 def test_consume_whose_tag_is_cut_counts_untagged(dp):
     flow, _ = opened(dp)
     consume = amqp.consume(1, tag="a-long-consumer-tag")
