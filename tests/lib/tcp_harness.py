@@ -176,36 +176,35 @@ def model_counts(stream, limit):
 
 def model_counts_passed(run, limit):
     """The model's counts fed the data segments the classifier passed, as they were cut
-    (offsets from where it first saw the connection); one that passed ahead of a hole waits
-    for it, as the broker's TCP holds it. None where a hole stays."""
+    (offsets from where it first saw the connection; the protocol header given whole, as
+    the classifier must have had it); one that passed ahead of a hole waits for it, as the
+    broker's TCP holds it. None where a hole stays, or the model cannot follow."""
     model = ConnectionModel(limit, "monitor", frame_max=FRAME_MAX)
     header = len(amqp.PROTOCOL_HEADER)
+    first = run.start or header
     ahead = []
-    if run.start:
-        model.segment(0, amqp.PROTOCOL_HEADER)
+    model.segment(0, amqp.PROTOCOL_HEADER)
     for what, off, length, _flags, outcome in run.trace:
         if outcome != "pass" or not length or what.startswith("inject"):
             continue
         payload = run.stream[off : off + length]
-        if run.start:
-            # Bytes before the pickup point are the broker's, not the classifier's.
-            if off + length <= run.start:
-                continue
-            if off < run.start:
-                payload, off = payload[run.start - off :], run.start
-            off = header + off - run.start
-        ahead.append((off, payload))
+        # Bytes before the header's end (or the pickup point) are not the walk's.
+        if off + length <= first:
+            continue
+        if off < first:
+            payload, off = payload[first - off :], first
+        ahead.append((header + off - first, payload))
         fed = True
         while fed:
             fed = False
             for item in list(ahead):
-                start = item[0]
-                if model.start_seq is None and start != 0:
-                    continue
-                if model.start_seq is not None and start > len(model.stream):
+                if item[0] > len(model.stream):
                     continue
                 ahead.remove(item)
-                model.segment(start, item[1])
+                try:
+                    model.segment(item[0], item[1])
+                except ValueError:
+                    return None
                 fed = True
     return None if ahead else model.counts
 
