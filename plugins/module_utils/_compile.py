@@ -46,6 +46,7 @@ def compile_and_load(source: str, pin_dir: str, fill: bool = True) -> tuple[Any,
             raise LimiterError("creating pin directory %s: %s" % (pin_dir, e.strerror)) from e
     try:
         bpf = BPF(text=source.encode("utf-8"), cflags=_CFLAGS)
+        _init_tag_key(bpf)
         function = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.SCHED_CLS)
         if fill:
             _fill_continuation(bpf)
@@ -54,6 +55,24 @@ def compile_and_load(source: str, pin_dir: str, fill: bool = True) -> tuple[Any,
             "compiling and loading the limiter (pins in %s): %s" % (pin_dir, e), {"cause": str(e)}
         ) from e
     return bpf, function
+
+
+def _init_tag_key(bpf: Any) -> None:
+    """Give the consumer-tag hash its secret key: random octets, written once where the
+    pinned tag_key map is new (zero), before any program of it sees traffic; a replace finds
+    the pin and keeps the key, so the tags its predecessor recorded hash the same. Not in
+    the source, so not in the digest (a source without the map: nothing to do)."""
+    try:
+        table = bpf[b"tag_key"]
+    except KeyError:
+        return
+    key = table.Key(0)
+    value = table[key]
+    if value.k0 or value.k1:
+        return
+    value.k0 = int.from_bytes(os.urandom(8), "little") | 1
+    value.k1 = int.from_bytes(os.urandom(8), "little")
+    table[key] = value
 
 
 def load_egress(bpf: Any) -> Any:

@@ -18,7 +18,7 @@ import ipaddress
 import struct
 from typing import Any
 
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 MAP_NAMES = (
     "conns",
     "channels",
@@ -29,6 +29,7 @@ MAP_NAMES = (
     "egress",
     "egress_slots",
     "walk_more",
+    "tag_key",
 )
 REFUSAL_LOG_LEN = 64
 ENDED_NO, ENDED_CLOSED, ENDED_RESET = 0, 1, 2
@@ -52,6 +53,9 @@ CHAN_SLOTS = 8
 # Channels in "channels" that the entry lists, to delete them with it (the C's OVER_SLOTS):
 # channel n at over[n % OVER_SLOTS].
 OVER_SLOTS = 16
+# Live consumers' tags a connection keeps (the C's TAG_SLOTS): a cancel frees a slot only
+# for a consumer it knows (or one of its `untagged` consumers).
+TAG_SLOTS = 16
 
 
 class ChanSlot(ctypes.Structure):
@@ -82,6 +86,9 @@ class ConnState(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("chans", ChanSlot * CHAN_SLOTS),
         ("over", ctypes.c_uint16 * OVER_SLOTS),
+        ("tags", ctypes.c_uint64 * TAG_SLOTS),
+        ("untagged", ctypes.c_uint32),
+        ("anon", ctypes.c_uint32),
     ]
 
 
@@ -145,6 +152,8 @@ class Counters(ctypes.Structure):
             "held",
             "passed_ahead",
             "missed",
+            "cancels_unknown",
+            "tags_unreadable",
         )
     ] + [("missed_by_cause", ctypes.c_uint64 * MISSED_SLOTS)]
 
@@ -222,6 +231,12 @@ class DeployedConfig(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("digest", ctypes.c_uint8 * 32),
     ]
+
+
+class TagKey(ctypes.Structure):
+    """The consumer-tag hash's secret key (the tag_key map), random, made by the loader."""
+
+    _fields_ = [("k0", ctypes.c_uint64), ("k1", ctypes.c_uint64)]
 
 
 class OverrideKey(ctypes.Structure):

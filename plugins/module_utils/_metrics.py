@@ -59,6 +59,15 @@ COUNTERS = {
         "missed_total",
         "Frames (or segments of frames) the limiter did not see; by cause in missed_frames_total.",
     ),
+    "cancels_unknown": (
+        "cancels_unknown_total",
+        "basic.cancel methods (client's or broker's) of a consumer tag not live on the "
+        "connection, which freed nothing (a made-up tag, or the second of crossed cancels).",
+    ),
+    "tags_unreadable": (
+        "tags_unreadable_total",
+        "Consumer tags not whole in their segment: taken the honest way (a cancel frees).",
+    ),
     # From the refusal log (rabbit_tc_limit_info adds them to an entry's counters).
     "refuse_rewrites": (
         "refuse_rewrites_total",

@@ -157,7 +157,10 @@ limiters:
         - Totals since the maps were created, summed over CPUs - segments, amqp_segments,
           consumes_allowed, consumes_refused, cancels, channel_closes, conns_tracked,
           conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
-          strict mode dropped, to come again in order), passed_ahead and missed; and from
+          strict mode dropped, to come again in order), passed_ahead, missed,
+          cancels_unknown (cancels of a consumer tag not live on the connection, which
+          freed nothing) and tags_unreadable (consumer tags not whole in their segment,
+          taken the honest way); and from
           the refusal log, refuse_rewrites (consumes refused in place by V(refuse)) and
           refuse_fallbacks (consumes V(refuse) could not rewrite and dropped instead).
         - V(unparsed) is every segment passed without walking it; it splits into

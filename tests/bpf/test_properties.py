@@ -30,6 +30,9 @@ VARIANTS = [
 ]
 
 channels = st.integers(min_value=1, max_value=4)
+# Consumer tags: a few, so that cancels meet live tags, made-up ones, and tags of other
+# channels; "" asks the broker for one (its consume-ok never comes here).
+tags = st.sampled_from(["ctag", "t1", "t2", "a-consumer-tag-of-some-length", ""])
 bodies = st.one_of(
     st.binary(max_size=600),
     st.integers(min_value=1, max_value=12).map(lambda n: amqp.consume_lookalike_body() * n),
@@ -39,8 +42,9 @@ bodies = st.one_of(
 )
 frames = st.one_of(
     channels.map(amqp.consume),
-    channels.map(amqp.consume),
+    st.builds(lambda ch, tag: amqp.consume(ch, tag=tag), channels, tags),
     channels.map(amqp.cancel),
+    st.builds(lambda ch, tag: amqp.cancel(ch, tag=tag), channels, tags),
     channels.map(amqp.channel_open),
     channels.map(amqp.channel_close),
     channels.map(amqp.channel_close_ok),
@@ -97,6 +101,7 @@ def test_classifier_agrees_with_the_model(dataplanes, variant):
         assert counters["consumes_refused"] == model.counts["refused"]
         assert counters["cancels"] == model.counts["cancels"]
         assert counters["channel_closes"] == model.counts["closes"]
+        assert counters["cancels_unknown"] == model.counts["cancels_unknown"]
         assert counters["unparsed"] == 0
         assert counters["resyncs"] == 0
 

@@ -73,6 +73,7 @@ def test_variant_loads_and_limits(action, l2, limit, port, frame_max, strict):
         ("refusals", ctypes.c_uint32, _layout.RefusalLog),
         ("egress", _layout.ConnKey, _layout.EgressState),
         ("egress_slots", ctypes.c_uint32, _layout.EgressSlot),
+        ("tag_key", ctypes.c_uint32, _layout.TagKey),
     ],
 )
 def test_userspace_layout_matches_the_c_structs(dataplanes, table, key_type, value_type):

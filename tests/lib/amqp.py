@@ -36,8 +36,10 @@ def method(channel, class_method, args=b""):
     return frame(METHOD, channel, struct.pack(">HH", class_id, method_id) + args)
 
 
-def consume(channel, queue="q", tag="", no_ack=False):
-    bits = 0x02 if no_ack else 0x00
+def consume(channel, queue="q", tag="ctag", no_ack=False, no_wait=False):
+    """basic.consume; its tag is cancel()'s by default (tag="": the broker makes one up,
+    told in its consume-ok)."""
+    bits = (0x02 if no_ack else 0x00) | (0x08 if no_wait else 0x00)
     args = struct.pack(">H", 0) + shortstr(queue) + shortstr(tag) + bytes([bits])
     return method(channel, BASIC_CONSUME, args + struct.pack(">I", 0))  # empty table
 

@@ -9,6 +9,13 @@ bytes, not its frames.
 Scope: one connection, segments in order or overlapping earlier ones (retransmissions,
 possibly coalesced with new bytes), never a gap. Gaps, resynchronisation and the
 per-segment frame bound are specific to the classifier and covered by named tests.
+
+Cancels free a slot only for a consumer known to be live (README, "Cancels by consumer
+tag"): the tags of live consumers are kept, up to TAG_SLOTS per connection; a consumer
+beyond them, or whose tag was not whole in the segment that completed its frame's header,
+is "untagged", and a cancel of a tag not found takes one of those, if any. A cancel whose
+tag is not whole in that segment frees as blindly as before.
+``broker=True`` models the broker instead: every tag known, nothing untagged.
 """
 
 import struct
@@ -29,6 +36,7 @@ def refused_name(length):
 
 
 _FRAME_TYPES = (amqp.METHOD, amqp.HEADER, amqp.BODY, amqp.HEARTBEAT)
+TAG_SLOTS = 16
 
 
 class Malformed(Exception):
@@ -36,8 +44,11 @@ class Malformed(Exception):
 
 
 class ConnectionModel:
-    def __init__(self, limit, action="drop", frame_max=131072):
+    def __init__(self, limit, action="drop", frame_max=131072, broker=False):
         self.limit, self.action, self.frame_max = limit, action, frame_max
+        self.broker = broker
+        self.tags = []  # (channel, tag) of live consumers, at most TAG_SLOTS (unless broker)
+        self.untagged = 0  # live consumers whose tag is not in self.tags
         self.start_seq = None
         self.stream = bytearray()  # accepted bytes, protocol header first
         self.cursor = len(amqp.PROTOCOL_HEADER)  # next frame not yet applied
@@ -69,7 +80,10 @@ class ConnectionModel:
 
         channels, counts = dict(self.channels), Counter()
         self._new_mark = None
+        saved = list(self.tags), self.untagged
         cursor, refused, closed = self._apply(candidate, self.cursor, channels, counts)
+        if refused:
+            self.tags, self.untagged = saved
         self.output = payload
         self.counts["refused"] += counts["refused"]
         if refused:
@@ -90,12 +104,42 @@ class ConnectionModel:
             for i in range(max(start - offset, 0), min(start + length - offset, len(out))):
                 out[i] = refused_name(length)[offset + i - start]
             self.output = bytes(out)
-        for name in ("allowed", "cancels", "closes"):
+        for name in ("allowed", "cancels", "closes", "cancels_unknown"):
             self.counts[name] += counts[name]
         if closed:
             self.closed = True
             self.channels = {}
+            self.tags, self.untagged = [], 0
         return PASS
+
+    def _tag(self, data, at):
+        """The shortstr tag whose length octet is at `at`: bytes, or None where it does not
+        end inside data (the segment that completed the frame's header; broker: whole)."""
+        if at >= len(data) or at + 1 + data[at] > len(data):
+            return None if not self.broker else b"?"
+        return bytes(data[at + 1 : at + 1 + data[at]])
+
+    def _record(self, channel, tag):
+        if tag is None:
+            self.untagged += 1
+        elif tag == b"":
+            pass  # its tag comes with the consume-ok (never, in a client-only stream)
+        elif self.broker or len(self.tags) < TAG_SLOTS:
+            self.tags.append((channel, tag))
+        else:
+            self.untagged += 1
+
+    def _cancel_frees(self, channel, tag, counts):
+        if tag is None:
+            return True
+        if (channel, tag) in self.tags:
+            self.tags.remove((channel, tag))
+            return True
+        if self.untagged > 0:
+            self.untagged -= 1
+            return True
+        counts["cancels_unknown"] += 1
+        return False
 
     def _apply(self, data, cursor, channels, counts):
         """Apply every frame identifiable in data from cursor on.
@@ -148,13 +192,22 @@ class ConnectionModel:
                     else:
                         counts["allowed"] += 1
                     channels[channel] = channels.get(channel, 0) + 1
+                    # The tag follows the queue name (a reserved short first).
+                    queue_len_at = cursor + 13
+                    tag = None if not self.broker else b"?"
+                    if queue_len_at < len(data):
+                        tag = self._tag(data, queue_len_at + 1 + data[queue_len_at])
+                    self._record(channel, tag)
                 elif ids == amqp.BASIC_CANCEL:
                     counts["cancels"] += 1
-                    if channels.get(channel):
+                    if channels.get(channel) and self._cancel_frees(
+                        channel, self._tag(data, cursor + 11), counts
+                    ):
                         channels[channel] -= 1
                 elif ids in (amqp.CHANNEL_CLOSE, amqp.CHANNEL_CLOSE_OK):
                     counts["closes"] += 1
                     channels.pop(channel, None)
+                    self.tags = [t for t in self.tags if t[0] != channel]
                 elif ids in (amqp.CONNECTION_CLOSE, amqp.CONNECTION_CLOSE_OK):
                     return end + 1, False, True
             cursor = end + 1

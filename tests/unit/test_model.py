@@ -123,3 +123,32 @@ def test_malformed_consumes_are_never_counted(bad):
     with pytest.raises(Malformed):
         client.send(bad)
     assert client.model.counts["refused"] == 0
+
+
+def test_a_cancel_frees_only_a_live_tag():
+    client = Client(ConnectionModel(limit=2))
+    assert client.send(amqp.consume(1, tag="a") + amqp.consume(1, tag="b")) == PASS
+    assert client.send(amqp.cancel(1, tag="made-up")) == PASS
+    assert client.model.consumers == 2 and client.model.counts["cancels_unknown"] == 1
+    assert client.send(amqp.consume(1, tag="c")) == DROP
+    assert client.send(amqp.cancel(2, tag="a") + amqp.cancel(1, tag="a")) == PASS
+    assert client.model.live_channels() == {1: 1}  # "a" lives on channel 1, not 2
+
+
+def test_a_cut_tag_is_taken_the_honest_way():
+    client = Client(ConnectionModel(limit=3))
+    consume = amqp.consume(1, tag="a-long-tag")
+    assert client.send(consume[:20]) == PASS and client.send(consume[20:]) == PASS
+    assert client.model.untagged == 1
+    cancel = amqp.cancel(1, tag="made-up")
+    assert client.send(cancel[:14]) == PASS and client.send(cancel[14:]) == PASS
+    assert client.model.consumers == 0 and client.model.untagged == 1
+
+
+def test_tags_beyond_the_slots_are_untagged_and_the_broker_keeps_all():
+    limiter, broker = ConnectionModel(limit=40), ConnectionModel(limit=40, broker=True)
+    stream = b"".join(amqp.consume(1, tag="t%d" % i) for i in range(20))
+    stream += b"".join(amqp.cancel(1, tag="x%d" % i) for i in range(6))
+    for model in (limiter, broker):
+        Client(model).send(stream)
+    assert limiter.consumers == 16 and broker.consumers == 20
