@@ -153,6 +153,7 @@ class Counters(ctypes.Structure):
             "passed_ahead",
             "missed",
             "cancels_unknown",
+            "cancels_blind",
             "tags_unreadable",
         )
     ] + [("missed_by_cause", ctypes.c_uint64 * MISSED_SLOTS)]

@@ -64,6 +64,11 @@ COUNTERS = {
         "basic.cancel methods (client's or broker's) of a consumer tag not live on the "
         "connection, which freed nothing (a made-up tag, or the second of crossed cancels).",
     ),
+    "cancels_blind": (
+        "cancels_blind_total",
+        "basic.cancel methods that freed a slot with their consumer tag never looked at "
+        "(the tag step's budget for the segment ran out): main's rule, a cancel frees.",
+    ),
     "tags_unreadable": (
         "tags_unreadable_total",
         "Consumer tags not whole in their segment: taken the honest way (a cancel frees).",

@@ -159,8 +159,10 @@ limiters:
           conns_forgotten, resyncs, unparsed, held (segments ahead of the stream that
           strict mode dropped, to come again in order), passed_ahead, missed,
           cancels_unknown (cancels of a consumer tag not live on the connection, which
-          freed nothing) and tags_unreadable (consumer tags not whole in their segment,
-          taken the honest way); and from
+          freed nothing), cancels_blind (cancels that freed a slot with their tag never
+          looked at, where the tag step's budget for a segment ran out) and
+          tags_unreadable (consumer tags not whole in their segment, taken the honest
+          way); and from
           the refusal log, refuse_rewrites (consumes refused in place by V(refuse)) and
           refuse_fallbacks (consumes V(refuse) could not rewrite and dropped instead).
         - V(unparsed) is every segment passed without walking it; it splits into

@@ -560,7 +560,9 @@ def judge(run, stream, limit, action, counters_before, dp, bars=("a", "b", "coun
     # than limit + the cut tags (counted, tags_unreadable); with none cut, never over limit.
     cut_tags = 0
     if counters_before is not None:
-        cut_tags = dp.counters()["tags_unreadable"] - counters_before["tags_unreadable"]
+        # Cancels freed blindly where the tag step's budget ran out count the same way.
+        now = dp.counters()
+        cut_tags = sum(now[name] - counters_before[name] for name in ("tags_unreadable", "cancels_blind"))
     if "b" in bars and action != "monitor":
         delivered = seen[: len(seen) - len(stream) + run.broker.rcv_nxt]
         if over_limit(delivered, limit + cut_tags):
