@@ -265,3 +265,38 @@ def test_the_tag_key_is_random_and_kept_across_a_replace(dataplanes):
         assert (again.k0, again.k1) == (key.k0, key.k1)
     finally:
         bpf.cleanup()
+
+
+@pytest.mark.parametrize("made_up", [False, True], ids=["honest", "made-up"])
+def test_forty_cancel_then_consume_pairs_in_one_segment_never_lose_the_walk(dp, made_up):
+    """More pairs than the tag step's budget (two programs a pair: the stop before the
+    consume, the tag step) in one segment: where the budget runs out the rest is taken by
+    main's rule (a cancel frees, counted in cancels_blind), never left unwalked. The
+    consume over the limit at the end is refused either way, and no frame is missed."""
+    flow, _ = opened(dp)
+    consumes(flow, ["T0", "T1", "T2"])
+    before = dp.counters()
+    pairs = b"".join(
+        amqp.cancel(1, tag="x" if made_up else "T%d" % i) + amqp.consume(1, tag="T%d" % (i + 3))
+        for i in range(40)
+    )
+    # Made-up cancels free nothing: the first consume after one is over the limit.
+    assert flow.send(pairs + amqp.consume(1, tag="over")) == TC_ACT_SHOT
+    assert flow.consumers() == 3 and flow.channels() == {1: 3}
+    after = dp.counters()
+    assert after["missed"] == before["missed"]
+    assert after["consumes_refused"] == before["consumes_refused"] + 1
+    if made_up:
+        return
+    # Without the consume over the limit, the honest pairs pass, at the limit throughout;
+    # the budget ran out on the way (a blind rest), and nothing was missed.
+    assert flow.send(pairs) == TC_ACT_OK
+    assert flow.consumers() == 3 and flow.channels() == {1: 3}
+    after = dp.counters()
+    assert after["missed"] == before["missed"]
+    assert after["cancels_blind"] > before["cancels_blind"]
+    assert after["consumes_allowed"] == before["consumes_allowed"] + 40
+    assert flow.send(amqp.consume(1, tag="over")) == TC_ACT_SHOT
+    # The connection's consumers are untagged now (main's rule): a cancel frees one.
+    assert flow.send(amqp.cancel(1, tag="T42") + amqp.consume(1, tag="T43")) == TC_ACT_OK
+    assert flow.consumers() == 3
