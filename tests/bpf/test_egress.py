@@ -410,5 +410,10 @@ def test_a_replaced_program_pair_goes_on_from_the_positions_in_both_stores(dp):
         send_rest(b_broker)
         assert (a.consumers(), b.consumers()) == (2, 2)
     finally:
+        # The old pair back, its continuation and egress in walk_more too: the cached
+        # dataplane goes on to other tests, and a consume's tag step runs in the
+        # continuation (another compile's has its own scratch, and loses the walk).
         dp.function, dp.egress = old
+        _compile.fill_continuation(dp.pin_dir, _compile.load_continuation(dp.bpf).fd)
+        _compile.fill_egress_slot(dp.pin_dir, dp.egress.fd)
         bpf.cleanup()

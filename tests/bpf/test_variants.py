@@ -107,5 +107,8 @@ def test_maps_are_pinned_and_reused_by_a_reload(dataplanes):
         assert flow.send(amqp.consume(1)) == TC_ACT_SHOT
         assert flow.consumers() == 5
     finally:
+        # Its continuation back in walk_more too (a consume's tag step runs there).
         dp.function = first_function
+        _compile.fill_continuation(dp.pin_dir, _compile.load_continuation(dp.bpf).fd)
+        _compile.fill_egress_slot(dp.pin_dir, dp.egress.fd)
         bpf.cleanup()
