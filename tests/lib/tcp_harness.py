@@ -562,7 +562,9 @@ def judge(run, stream, limit, action, counters_before, dp, bars=("a", "b", "coun
     if counters_before is not None:
         # Cancels freed blindly where the tag step's budget ran out count the same way.
         now = dp.counters()
-        cut_tags = sum(now[name] - counters_before[name] for name in ("tags_unreadable", "cancels_blind"))
+        cut_tags = sum(
+            now[name] - counters_before[name] for name in ("tags_unreadable", "cancels_blind")
+        )
     if "b" in bars and action != "monitor":
         delivered = seen[: len(seen) - len(stream) + run.broker.rcv_nxt]
         if over_limit(delivered, limit + cut_tags):
