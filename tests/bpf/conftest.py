@@ -4,6 +4,10 @@ import pytest
 
 from tests.lib.dataplane import Dataplane
 
+# Each loaded variant holds some 40 fds (maps, programs, pins): the cache keeps the most
+# recently used few, so that the session (which goes on to tests that use select(), limited to
+# fds below 1024) never holds hundreds of them.
+CACHED_VARIANTS = 6
 _cache = {}
 
 
@@ -21,9 +25,12 @@ def dataplanes(request):
     def get(**config):
         config["force_skb_load_bytes"] = READ_PATHS[request.param]
         key = tuple(sorted(config.items()))
-        if key not in _cache:
-            _cache[key] = Dataplane(**config)
-        dp = _cache[key]
+        dp = _cache.pop(key, None)
+        if dp is None:
+            dp = Dataplane(**config)
+        _cache[key] = dp  # the most recently used goes last
+        while len(_cache) > CACHED_VARIANTS:
+            _cache.pop(next(iter(_cache))).close()
         dp.reset_state()
         return dp
 

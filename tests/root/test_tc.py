@@ -529,8 +529,10 @@ def test_filter_name_limits(programs):
 def test_attach_with_a_bad_fd_says_what_and_where():
     with named_site() as site, _tc.open_netns(site.netns) as tc:
         tc.ensure_clsact(site.ifname)
+        closed_fd = os.open("/dev/null", os.O_RDONLY)
+        os.close(closed_fd)
         with pytest.raises(LimiterError) as err:
-            tc.attach(site.ifname, 1023, "rabbitguard-x", PREF, HANDLE)
+            tc.attach(site.ifname, closed_fd, "rabbitguard-x", PREF, HANDLE)
     assert "Bad file descriptor" in err.value.msg
     assert site.ifname in err.value.msg and site.netns in err.value.msg
     assert err.value.context["ifname"] == site.ifname
