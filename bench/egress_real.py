@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, ".collections"), os.path.join(ROOT, "bench")]
 import dataplane as dpb  # noqa: E402
+import gro  # noqa: E402
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _bpfsys, _tc  # noqa: E402
 from tests.lib import amqp  # noqa: E402
@@ -37,24 +38,13 @@ while c.recv(1 << 20): pass
 )
 
 
-def sh(*a):
-    subprocess.run(a, check=True)
-
-
 def teardown():
-    subprocess.run(["ip", "netns", "del", NS], stderr=subprocess.DEVNULL)
-    subprocess.run(["ip", "link", "del", LINK], stderr=subprocess.DEVNULL)
+    gro.drop_veth_netns(NS, LINK)
 
 
 def setup():
     teardown()
-    sh("ip", "netns", "add", NS)
-    sh("ip", "link", "add", LINK, "type", "veth", "peer", "name", "eth0", "netns", NS)
-    sh("ip", "addr", "add", SRV + "/24", "dev", LINK)
-    sh("ip", "link", "set", LINK, "up")
-    sh("ip", "-n", NS, "addr", "add", CLI + "/24", "dev", "eth0")
-    sh("ip", "-n", NS, "link", "set", "eth0", "up")
-    sh("ip", "-n", NS, "link", "set", "lo", "up")
+    gro.veth_to_netns(NS, LINK, SRV, CLI)
 
 
 def delivery(body, tag_no):

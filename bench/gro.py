@@ -79,15 +79,25 @@ def sh(*argv):
     subprocess.run(argv, check=True)
 
 
+def veth_to_netns(netns, host_link, host_addr, netns_addr):
+    """A new netns joined to the host by a veth pair (host_link here, eth0 there), both up."""
+    sh("ip", "netns", "add", netns)
+    sh("ip", "link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    sh("ip", "addr", "add", host_addr + "/24", "dev", host_link)
+    sh("ip", "link", "set", host_link, "up")
+    sh("ip", "-n", netns, "addr", "add", netns_addr + "/24", "dev", "eth0")
+    sh("ip", "-n", netns, "link", "set", "eth0", "up")
+    sh("ip", "-n", netns, "link", "set", "lo", "up")
+
+
+def drop_veth_netns(netns, host_link):
+    subprocess.run(["ip", "netns", "del", netns], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "link", "del", host_link], stderr=subprocess.DEVNULL)
+
+
 def setup():
     teardown()
-    sh("ip", "netns", "add", NETNS)
-    sh("ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", "eth0", "netns", NETNS)
-    sh("ip", "addr", "add", CLIENT + "/24", "dev", HOST_LINK)
-    sh("ip", "link", "set", HOST_LINK, "up")
-    sh("ip", "-n", NETNS, "addr", "add", BROKER + "/24", "dev", "eth0")
-    sh("ip", "-n", NETNS, "link", "set", "eth0", "up")
-    sh("ip", "-n", NETNS, "link", "set", "lo", "up")
+    veth_to_netns(NETNS, HOST_LINK, CLIENT, BROKER)
     # GRO on the namespace's end: with the sender's TSO off, veth then delivers through NAPI
     # and GRO merges the segments into packets of up to 64 KiB, as a host NIC's driver does.
     sh("ip", "netns", "exec", NETNS, "ethtool", "-K", "eth0", "gro", "on")
@@ -107,8 +117,7 @@ def teardown(sink=None):
     if sink is not None:
         sink.terminate()
         sink.wait()
-    subprocess.run(["ip", "netns", "del", NETNS], stderr=subprocess.DEVNULL)
-    subprocess.run(["ip", "link", "del", HOST_LINK], stderr=subprocess.DEVNULL)
+    drop_veth_netns(NETNS, HOST_LINK)
 
 
 TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in struct tcp_info (linux/tcp.h)
