@@ -2,6 +2,7 @@
 """Real RabbitMQ, real publishers, real GRO: what the limiter costs a broker, side by side.
 
     flock /tmp/rg-heavy.lock /usr/bin/python3 bench/broker.py [--quick] [--seconds S] [--rounds R]
+        [--strict] [--before TEMPLATE] [--select CELLS]
 
 A lab host (lab/lab.py, prefix rgp, subnet 210: RabbitMQ in its own namespace) gets a
 second veth pair straight to a client namespace (rgp-pub, 198.18.210.252/30): the broker's
@@ -24,6 +25,11 @@ Printed per cell: messages/s ratio to no program (median of rounds), ns per pack
 kernel's per-program statistics (kernel.bpf_stats_enabled: run_time_ns / run_cnt), bytes per
 program run (GRO size), the program's time as a share of the CPU time the broker and the
 client processes used, and ours' missed frames (its counters).
+
+--strict adds ours in strict mode, and --before ours rendered from another template, each in
+cells of its own in the same rotation, printed on a line below each row beside ours: what
+strict costs (segments held, the clients' retransmissions) on the same path, and whether it
+misses nothing where the default mode fails open.
 
 Everything it creates (lab, namespace, pins, the bpf_stats setting) is taken down at the end.
 """
@@ -339,14 +345,21 @@ class Bench:
             "naive": self.base.load_func(b"naive_limiter", BPF.SCHED_CLS).fd,
             "ours": self.ours_fd,
         }
-        # --before: ours rendered from an older template, with its own maps and its own
-        # egress program (if it has one), in cells of its own.
-        self.before = None
-        if args.before:
+        # --before (ours rendered from an older template) and --strict (ours in strict
+        # mode): each with its own maps and its own egress program (if it has one), in
+        # cells of its own.
+        self.extra = {}
+        if args.before or args.strict:
             from tests.lib.dataplane import Dataplane
 
-            self.before = Dataplane(limit=LIMIT, action="drop", template_path=args.before)
-            self.fds["before"] = self.before.function.fd
+            if args.before:
+                self.extra["before"] = Dataplane(
+                    limit=LIMIT, action="drop", template_path=args.before
+                )
+            if args.strict:
+                self.extra["strict"] = Dataplane(limit=LIMIT, action="drop", strict=True)
+            for name, dataplane in self.extra.items():
+                self.fds[name] = dataplane.function.fd
 
     def close(self):
         try:
@@ -355,8 +368,8 @@ class Bench:
             self.bpfsys.close(self.ours_fd)
             self.bpfsys.close(self.egress_fd)
             self.base.cleanup()
-            if self.before is not None:
-                self.before.close()
+            for dataplane in self.extra.values():
+                dataplane.close()
 
     def attach(self, variant):
         egress_slot = (self.C.EGRESS_FILTER_PREF, self.C.EGRESS_FILTER_HANDLE, "egress")
@@ -369,8 +382,9 @@ class Bench:
                           self.C.FILTER_PREF, self.C.FILTER_HANDLE)  # fmt: skip
             if variant == "ours":
                 tc.attach(BROKER_LINK, self.egress_fd, self.egress_name, *egress_slot)
-            elif variant == "before" and self.before.egress is not None:
-                tc.attach(BROKER_LINK, self.before.egress.fd, "rgbench-before", *egress_slot)
+            elif variant in self.extra and self.extra[variant].egress is not None:
+                egress = self.extra[variant].egress
+                tc.attach(BROKER_LINK, egress.fd, "rgbench-" + variant, *egress_slot)
             else:
                 tc.detach(BROKER_LINK, *egress_slot)
 
@@ -417,12 +431,13 @@ class Bench:
         broker_pids = [int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()]
         time.sleep(max(0.0, start - time.time()))
         before = self.snapshot(fd, broker_pids)
-        if variant == "before":
-            counters_before = self.before.counters()
+        extra = self.extra.get(variant)
+        if extra is not None:
+            counters_before = extra.counters()
         time.sleep(max(0.0, stop - time.time()))
         after = self.snapshot(fd, broker_pids)
-        if variant == "before":
-            row_counters = counter_delta(counters_before, self.before.counters())
+        if extra is not None:
+            row_counters = counter_delta(counters_before, extra.counters())
         tcp_after = tcp_stats(self.ns), tcp_stats(CLIENT_NS)
         done = cpu = 0.0
         for proc in procs:
@@ -446,7 +461,7 @@ class Bench:
             row["runs"] = runs
             row["prog_ns"] = after["run_time_ns"] - before["run_time_ns"]
             row["bytes"] = after["rx"] - before["rx"]
-        if variant == "before":
+        if extra is not None:
             row["counters"] = row_counters
         if variant == "ours":
             row["counters"] = counter_delta(before["counters"], after["counters"])
@@ -552,14 +567,15 @@ def summarize(tso, name, conns, rounds, fpm):
     ), counters  # fmt: skip
 
 
-def summarize_before(tso, name, conns, rounds, fpm):
-    """--before: the older template's row beside ours, in the same rounds: messages/s ratio,
-    ns per packet and per frame, CPU share, frames per packet, missed frames."""
-    rounds = [r for r in rounds if r["none"]["rate"] > 0 and "before" in r]
+def summarize_extra(tso, name, conns, rounds, fpm, extras):
+    """--before, --strict: those cells' rows beside ours, in the same rounds: messages/s
+    ratio, ns per packet and per frame, CPU share, frames per packet, missed frames, and
+    (strict) segments held, with the clients' retransmissions in the cells."""
+    rounds = [r for r in rounds if r["none"]["rate"] > 0 and all(v in r for v in extras)]
     if not rounds:
-        return "| %s | %s | %d | before: no round completed |" % (tso, name, conns)
+        return "| %s | %s | %d | %s: no round completed |" % (tso, name, conns, "/".join(extras))
     out = []
-    for v in ("before", "ours"):
+    for v in list(extras) + ["ours"]:
         cells = [r[v] for r in rounds]
         ratio = median([r[v]["rate"] / r["none"]["rate"] for r in rounds])
         runs = max(sum(c["runs"] for c in cells), 1)
@@ -571,9 +587,11 @@ def summarize_before(tso, name, conns, rounds, fpm):
         causes = counters["missed_by_cause"]
         if causes:  # by cause, as in the table (the trace of a miss starts there)
             missed += " (%s)" % ", ".join("%s %d" % kv for kv in sorted(causes.items()))
-        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, missed %s"
+        retrans = sum(c["retrans"] for c in cells)
+        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, "
+                   "missed %s, held %d, retransmitted %d"
                    % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, frames / runs,
-                      missed))  # fmt: skip
+                      missed, counters.get("held", 0), retrans))  # fmt: skip
     return "| %s | %s | %d | %s |" % (tso, name, conns, " · ".join(out))
 
 
@@ -604,7 +622,7 @@ def run(args):
                     continue
                 rounds = []
                 for r in range(args.rounds):
-                    order = list(VARIANTS[:4]) + (["before"] if args.before else [])
+                    order = list(VARIANTS[:4]) + list(bench.extra)
                     order = order[r % len(order) :] + order[: r % len(order)]
                     cells = {}
                     try:
@@ -621,11 +639,12 @@ def run(args):
                     tso_name, name, conns, rounds, frames_per_message(mode, size)
                 )
                 print(line, flush=True)
-                if args.before:
-                    before_line = summarize_before(tso_name, name, conns, rounds,
-                                                   frames_per_message(mode, size))  # fmt: skip
-                    print(before_line, flush=True)
-                    lines.append(before_line)
+                if bench.extra:
+                    extra_line = summarize_extra(tso_name, name, conns, rounds,
+                                                 frames_per_message(mode, size),
+                                                 list(bench.extra))  # fmt: skip
+                    print(extra_line, flush=True)
+                    lines.append(extra_line)
                 print("    ours' counters: %s" % counters, file=sys.stderr, flush=True)
                 for i, cells in enumerate(rounds):
                     since = counter_sum([cells["ours"]["since_attach"]])
@@ -677,6 +696,12 @@ def main():
         "--select",
         type=lambda text: text.split(","),
         help="only these cells, as TSO:MESSAGES:CONNS,... (e.g. 'off:64 B:1,on:1 MiB:8')",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="also measure ours in strict mode (segments ahead of a hole held, not passed), "
+        "in cells of its own",
     )
     parser.add_argument(
         "--before",
