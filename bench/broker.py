@@ -12,7 +12,8 @@ flow in order like a real NIC) and on (64 KiB TSO segments passed whole, reorder
 CPUs: what containers see).
 
 Workloads: publishers with publisher confirms (a raw-socket AMQP client, one process per
-connection, a bounded window of unconfirmed messages) of 64 B, 4 KiB and 1 MiB messages on 1
+connection, a bounded window of unconfirmed messages, each into a queue of its own that holds
+at most 10000 messages or 64 MiB, dropping its oldest) of 64 B, 4 KiB and 1 MiB messages on 1
 and 8 connections, and a consume/cancel storm (64 consumers in flight on one connection, each
 cancelled as soon as its consume-ok comes, and replaced as soon as its cancel-ok comes).
 Each cell runs a few seconds with, in rotating order each round: no program, a no-op program,
