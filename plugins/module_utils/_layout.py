@@ -5,8 +5,9 @@
 
 Mirrors the structs of files/bpf/rabbit_limiter.c.j2 field by field; a BPF test
 compares these layouts with the ones BCC derives from the C source, so the two cannot
-drift apart unnoticed. Bump LAYOUT_VERSION whenever a pinned struct changes: pins of
-another version are never reused.
+drift apart unnoticed. Bump LAYOUT_VERSION whenever a pinned struct changes, or what a
+pinned value means does (9: the consumer tags' hashes in conns, now of 4 words for a tag of
+up to 32 octets): pins of another version are never reused.
 """
 
 from __future__ import absolute_import, annotations, division, print_function
@@ -18,7 +19,7 @@ import ipaddress
 import struct
 from typing import Any
 
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 MAP_NAMES = (
     "conns",
     "channels",
