@@ -120,7 +120,7 @@ ansible_test_sanity() {
 tarball_has_only_content() {
     local extra
     extra="$(tar tzf "$1" | cut -d/ -f1 | sort -u | grep -vxE \
-        'MANIFEST.json|FILES.json|README.md|LICENSE|LICENSES|changelogs|files|meta|playbooks|plugins|roles|tests' \
+        'MANIFEST.json|FILES.json|README.md|LICENSE|LICENSES|changelogs|docs|files|meta|playbooks|plugins|roles|tests' \
         || true)"
     # Of tests/, only ansible-test's sanity ignore files.
     extra+="$(tar tzf "$1" | grep -E '^tests/.' | grep -vE '^tests/sanity(/|$)' || true)"
