@@ -438,12 +438,13 @@ class Bench:
         ]
         broker_pids = [int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()]
         time.sleep(max(0.0, start - time.time()))
-        before = self.snapshot(fd, broker_pids)
+        egress_fd = self.egress_fd_of(variant)
+        before = self.snapshot(fd, egress_fd, broker_pids)
         extra = self.extra.get(variant)
         if extra is not None:
             counters_before = extra.counters()
         time.sleep(max(0.0, stop - time.time()))
-        after = self.snapshot(fd, broker_pids)
+        after = self.snapshot(fd, egress_fd, broker_pids)
         if extra is not None:
             row_counters = counter_delta(counters_before, extra.counters())
         tcp_after = tcp_stats(self.ns), tcp_stats(CLIENT_NS)
@@ -476,17 +477,29 @@ class Bench:
             # Misses before the window (connection start, warm-up) leave connections
             # adrift in it: what counted them shows only from the attach on.
             row["since_attach"] = counter_delta(attached, after["counters"])
+        if egress_fd is not None:
             row["egress_runs"] = after["egress_cnt"] - before["egress_cnt"]
             row["egress_ns"] = after["egress_ns"] - before["egress_ns"]
         return row
 
-    def snapshot(self, fd, broker_pids):
+    def egress_fd_of(self, variant):
+        """The egress program attached in this variant's cells (ours, or an extra's own),
+        or None where none is."""
+        if variant == "ours":
+            return self.egress_fd
+        extra = self.extra.get(variant)
+        if extra is not None and extra.egress is not None:
+            return extra.egress.fd
+        return None
+
+    def snapshot(self, fd, egress_fd, broker_pids):
         snap = {"t": time.time(), "cpu": proc_cpu(broker_pids), "rx": rx_bytes(self.ns)}
         if fd is not None:
             info = self.bpfsys.prog_info(fd)
             snap["run_cnt"], snap["run_time_ns"] = info["run_cnt"], info["run_time_ns"]
-        info = self.bpfsys.prog_info(self.egress_fd)
-        snap["egress_cnt"], snap["egress_ns"] = info["run_cnt"], info["run_time_ns"]
+        if egress_fd is not None:
+            info = self.bpfsys.prog_info(egress_fd)
+            snap["egress_cnt"], snap["egress_ns"] = info["run_cnt"], info["run_time_ns"]
         snap["counters"] = self.pins.counters(self.pin)
         return snap
 
@@ -596,10 +609,17 @@ def summarize_extra(tso, name, conns, rounds, fpm, extras):
         if causes:  # by cause, as in the table (the trace of a miss starts there)
             missed += " (%s)" % ", ".join("%s %d" % kv for kv in sorted(causes.items()))
         retrans = sum(c["retrans"] for c in cells)
-        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %.1f frames/pkt, "
+        egress = "no egress program"
+        if all("egress_ns" in c for c in cells):
+            egress_ns = sum(c["egress_ns"] for c in cells)
+            egress_runs = max(sum(c["egress_runs"] for c in cells), 1)
+            egress_share = egress_ns / 1e9 / max(sum(c["cpu"] for c in cells), 1e-9)
+            egress = "egress %.0f ns/pkt, + %.3f%% CPU" % (egress_ns / egress_runs,
+                                                           100 * egress_share)  # fmt: skip
+        out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %s, %.1f frames/pkt, "
                    "missed %s, held %d, retransmitted %d"
-                   % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, frames / runs,
-                      missed, counters.get("held", 0), retrans))  # fmt: skip
+                   % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, egress,
+                      frames / runs, missed, counters.get("held", 0), retrans))  # fmt: skip
     return "| %s | %s | %d | %s |" % (tso, name, conns, " · ".join(out))
 
 

@@ -358,10 +358,7 @@ def test_slot_of_a_connection_that_ended_unseen_is_taken_once_stale(dp):
     gone, _gone_broker = opened(dp, consumers=1, **gone_port)
     early, early_broker = opened(dp, consumers=3, **early_port)
     assert (position_store(dp, gone), position_store(dp, early)) == ("slot", "lru")
-    # Age the vanished connection's slot: its last segment EGRESS_STALE_JIFFIES + 2 ago.
-    slot = read_slot(dp, gone)
-    slot.seen = (slot.seen - C.EGRESS_STALE_JIFFIES - 2) & 0xFFFFFFFF
-    _bpfsys.map_update(dp.map_fds["egress_slots"], slot_index(dp, gone), bytes(slot))
+    age_slot(dp, gone)
 
     late, late_broker = opened(dp, consumers=3, **late_port)
 
@@ -371,6 +368,37 @@ def test_slot_of_a_connection_that_ended_unseen_is_taken_once_stale(dp):
     for broker in (late_broker, early_broker):
         send_rest(broker)
     assert (late.consumers(), early.consumers()) == (2, 2)
+
+
+def age_slot(dp, flow):
+    """The flow's slot as if its last segment were EGRESS_STALE_JIFFIES + 2 jiffies ago."""
+    slot = read_slot(dp, flow)
+    slot.seen = (slot.seen - C.EGRESS_STALE_JIFFIES - 2) & 0xFFFFFFFF
+    _bpfsys.map_update(dp.map_fds["egress_slots"], slot_index(dp, flow), bytes(slot))
+
+
+def test_only_frames_keep_a_slot_and_a_connection_that_lost_it_keeps_its_cancels(dp):
+    """Pure ACKs pass before any lookup: a publisher's broker that sends nothing else for
+    the stale time lets the next connection mapping there take the slot. Its server cancel
+    after that is still applied, picked up at the frame it starts with; a heartbeat, like
+    any frame, would have kept the slot."""
+    quiet_port, late_port, kept_port, later_port = colliding(dp, 4)
+    quiet, quiet_broker = opened(dp, consumers=3, **quiet_port)
+    age_slot(dp, quiet)
+    quiet_broker.send(b"", flags=packets.ACK)
+    late, late_broker = opened(dp, consumers=1, **late_port)
+    assert position_store(dp, late) == "slot" and position_store(dp, quiet) is None
+    quiet_broker.send(amqp.server_cancel(1))
+    assert quiet.consumers() == 2 and quiet.channels() == {1: 2}
+    assert quiet.send(amqp.consume(1)) == TC_ACT_OK
+
+    late_broker.send(b"", flags=packets.FIN | packets.ACK)  # frees the slot
+    kept, kept_broker = opened(dp, consumers=3, **kept_port)
+    assert position_store(dp, kept) == "slot"
+    age_slot(dp, kept)
+    kept_broker.send(amqp.heartbeat())
+    later, _later_broker = opened(dp, consumers=1, **later_port)
+    assert (position_store(dp, kept), position_store(dp, later)) == ("slot", "lru")
 
 
 def test_fin_frees_the_slot_and_rst_empties_either_store(dp):
