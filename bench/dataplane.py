@@ -91,6 +91,8 @@ def egress_cases():
         ("delivery, small (3 frames)", broker_packet(small), 0, False),
         ("delivery, 3.5 KiB (3 frames)", broker_packet(big), 0, False),
         ("3.5 KiB inside a body", broker_packet(b"b" * 3600), 70000, False),
+        # Most of what a broker sends a publisher: passed before the position lookup.
+        ("pure ACK", broker_packet(b""), 0, False),
         ("16 pipelined deliveries (48 frames)", broker_packet(sixteen), 0, False),
         ("64 KiB GRO stand-in (3 headers, helper reads)", broker_packet(tail_and_next), 1000, True),
         ("delivery, small, helper reads", broker_packet(small), 0, True),
