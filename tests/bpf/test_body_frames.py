@@ -69,34 +69,27 @@ def test_a_large_message_cut_one_body_header_a_segment_is_walked_exactly(dp, bef
     assert dp.counters()["missed"] == 0
 
 
-def test_a_body_header_without_the_end_octet_before_it_loses_sync(dp):
-    """The octet before the header is not a frame end: the stream is lost there (counted),
-    not walked on as if it were a body frame."""
+def no_end_octet_before(message, at):
+    message[at - 1] = 0x00
+
+
+def size_over_frame_max(message, at):
+    message[at + 3 : at + 7] = (1 << 20).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("corrupt", [no_end_octet_before, size_over_frame_max])
+def test_a_malformed_body_header_loses_sync(dp, corrupt):
+    """A body frame header the broker would take as a connection error (no frame end before
+    it, a size over frame_max): the stream is lost there (counted), not walked on as if it
+    were a body frame."""
     flow = opened(dp)
     message = bytearray(amqp.publish(1, LOOKALIKES, frame_max=FRAME_MAX))
     second = body_header_offsets(bytes(message))[1]
-    message[second - 1] = 0x00
+    corrupt(message, second)
     start = flow.seq
     send_range(flow, bytes(message), start, 0, second - 100)
-    assert (
-        flow.send(bytes(message[second - 100 : second + 500]), seq=start + second - 100)
-        == TC_ACT_OK
-    )
-    assert flow.state().synced == 0
-    assert dp.counters()["missed_by_cause"]["lost_sync"] == 1
-
-
-def test_a_body_frame_over_frame_max_loses_sync(dp):
-    flow = opened(dp)
-    message = bytearray(amqp.publish(1, LOOKALIKES, frame_max=FRAME_MAX))
-    second = body_header_offsets(bytes(message))[1]
-    message[second + 3 : second + 7] = (1 << 20).to_bytes(4, "big")
-    start = flow.seq
-    send_range(flow, bytes(message), start, 0, second - 100)
-    assert (
-        flow.send(bytes(message[second - 100 : second + 500]), seq=start + second - 100)
-        == TC_ACT_OK
-    )
+    segment = bytes(message[second - 100 : second + 500])
+    assert flow.send(segment, seq=start + second - 100) == TC_ACT_OK
     assert flow.state().synced == 0
     assert dp.counters()["missed_by_cause"]["lost_sync"] == 1
 
