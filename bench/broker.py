@@ -552,6 +552,31 @@ def frames_per_message(mode, size):
     return 2 + max(1, -(-size // (131072 - 8)))
 
 
+def totals(cells, fpm):
+    """One program's cells (one per round) summed: ns per packet and its share of the
+    broker's and clients' CPU (ingress; egress when it had an egress program), bytes and
+    client frames per program run, its counters and the clients' retransmissions."""
+    runs = max(sum(c["runs"] for c in cells), 1)
+    cpu = max(sum(c["cpu"] for c in cells), 1e-9)
+    ns = sum(c["prog_ns"] for c in cells)
+    out = {
+        "ns_per_pkt": ns / runs,
+        "share": ns / 1e9 / cpu,
+        "bytes_per_pkt": sum(c["bytes"] for c in cells) / runs,
+        "frames": fpm * sum(c["done"] for c in cells),
+        "counters": counter_sum(c.get("counters", {}) for c in cells),  # none: no-op, naive
+        "retrans": sum(c["retrans"] for c in cells),
+        "egress": None,
+    }
+    out["frames_per_pkt"] = out["frames"] / runs
+    out["ns_per_frame"] = ns / max(out["frames"], 1)
+    if all("egress_ns" in c for c in cells):
+        egress_ns = sum(c["egress_ns"] for c in cells)
+        egress_runs = max(sum(c["egress_runs"] for c in cells), 1)
+        out["egress"] = {"ns_per_pkt": egress_ns / egress_runs, "share": egress_ns / 1e9 / cpu}
+    return out
+
+
 def summarize(tso, name, conns, rounds, fpm):
     """One table row from the rounds of one workload."""
     base = [r["none"]["rate"] for r in rounds]
@@ -561,30 +586,22 @@ def summarize(tso, name, conns, rounds, fpm):
         return "| %s | %s | %d | no round completed |" % (tso, name, conns), {}
     ratio = {v: median([r[v]["rate"] / r["none"]["rate"] for r in rounds]) for v in VARIANTS}
     spread = [r["control"]["rate"] / r["none"]["rate"] for r in rounds]
-    ns = {}
-    for v in ("noop", "naive", "ours"):
-        runs = sum(r[v]["runs"] for r in rounds)
-        ns[v] = sum(r[v]["prog_ns"] for r in rounds) / max(runs, 1)
-    ours = [r["ours"] for r in rounds]
-    ours_cpu = max(sum(o["cpu"] for o in ours), 1e-9)
-    share = sum(o["prog_ns"] for o in ours) / 1e9 / ours_cpu
-    egress_share = sum(o["egress_ns"] for o in ours) / 1e9 / ours_cpu
-    egress_ns = sum(o["egress_ns"] for o in ours) / max(sum(o["egress_runs"] for o in ours), 1)
-    runs = max(sum(o["runs"] for o in ours), 1)
-    size = sum(o["bytes"] for o in ours) / runs
-    frames = fpm * sum(o["done"] for o in ours) / runs
-    counters = counter_sum(o["counters"] for o in ours)
+    ns = {v: totals([r[v] for r in rounds], fpm)["ns_per_pkt"] for v in ("noop", "naive")}
+    ours = totals([r["ours"] for r in rounds], fpm)
+    counters = ours["counters"]
     missed = "%d (%d)" % (counters.get("missed", -1), counters.get("passed_ahead", -1))
     causes = counters["missed_by_cause"]
     if causes:
         missed += " " + ", ".join("%s %d" % (c, n) for c, n in sorted(causes.items()))
+    egress = ours["egress"] or {"ns_per_pkt": float("nan"), "share": float("nan")}
     return (
         "| %s | %s | %d | %.0f | %.3f (%.3f-%.3f) | %.3f | %.3f | %.3f | %.0f | %.0f | %.0f "
         "| %.2fx | %.3f%% | %.0f | %.3f%% | %.0f | %.1f | %s |"
         % (tso, name, conns, median(base), ratio["control"], min(spread), max(spread),
-           ratio["noop"], ratio["naive"], ratio["ours"], ns["noop"], ns["naive"], ns["ours"],
-           ns["ours"] / max(ns["naive"], 1e-9), 100 * share, egress_ns, 100 * egress_share,
-           size, frames, missed)
+           ratio["noop"], ratio["naive"], ratio["ours"], ns["noop"], ns["naive"],
+           ours["ns_per_pkt"], ours["ns_per_pkt"] / max(ns["naive"], 1e-9),
+           100 * ours["share"], egress["ns_per_pkt"], 100 * egress["share"],
+           ours["bytes_per_pkt"], ours["frames_per_pkt"], missed)
     ), counters  # fmt: skip
 
 
@@ -597,29 +614,22 @@ def summarize_extra(tso, name, conns, rounds, fpm, extras):
         return "| %s | %s | %d | %s: no round completed |" % (tso, name, conns, "/".join(extras))
     out = []
     for v in list(extras) + ["ours"]:
-        cells = [r[v] for r in rounds]
         ratio = median([r[v]["rate"] / r["none"]["rate"] for r in rounds])
-        runs = max(sum(c["runs"] for c in cells), 1)
-        ns = sum(c["prog_ns"] for c in cells)
-        frames = fpm * sum(c["done"] for c in cells)
-        share = ns / 1e9 / max(sum(c["cpu"] for c in cells), 1e-9)
-        counters = counter_sum(c["counters"] for c in cells)
+        got = totals([r[v] for r in rounds], fpm)
+        counters = got["counters"]
         missed = "%d" % counters.get("missed", 0)
         causes = counters["missed_by_cause"]
         if causes:  # by cause, as in the table (the trace of a miss starts there)
             missed += " (%s)" % ", ".join("%s %d" % kv for kv in sorted(causes.items()))
-        retrans = sum(c["retrans"] for c in cells)
         egress = "no egress program"
-        if all("egress_ns" in c for c in cells):
-            egress_ns = sum(c["egress_ns"] for c in cells)
-            egress_runs = max(sum(c["egress_runs"] for c in cells), 1)
-            egress_share = egress_ns / 1e9 / max(sum(c["cpu"] for c in cells), 1e-9)
-            egress = "egress %.0f ns/pkt, + %.3f%% CPU" % (egress_ns / egress_runs,
-                                                           100 * egress_share)  # fmt: skip
+        if got["egress"] is not None:
+            e = got["egress"]
+            egress = "egress %.0f ns/pkt, + %.3f%% CPU" % (e["ns_per_pkt"], 100 * e["share"])
         out.append("%s %.3f, %.0f ns/pkt, %.1f ns/frame, %.3f%% CPU, %s, %.1f frames/pkt, "
                    "missed %s, held %d, retransmitted %d"
-                   % (v, ratio, ns / runs, ns / max(frames, 1), 100 * share, egress,
-                      frames / runs, missed, counters.get("held", 0), retrans))  # fmt: skip
+                   % (v, ratio, got["ns_per_pkt"], got["ns_per_frame"], 100 * got["share"],
+                      egress, got["frames_per_pkt"], missed,
+                      counters.get("held", 0), got["retrans"]))  # fmt: skip
     return "| %s | %s | %d | %s |" % (tso, name, conns, " · ".join(out))
 
 

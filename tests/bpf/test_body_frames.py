@@ -6,7 +6,7 @@ and one over the limit refused."""
 import pytest
 
 from tests.lib import amqp
-from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
+from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, opened
 
 pytestmark = pytest.mark.bpf
 FRAME_MAX = 4096
@@ -18,12 +18,6 @@ def send_range(flow, message, start, a, b):
     """message[a:b] in segments of MSS octets at most, in order."""
     for x in range(a, b, MSS):
         assert flow.send(message[x : min(x + MSS, b)], seq=start + x) == TC_ACT_OK
-
-
-def opened(dp):
-    flow = Flow(dp)
-    assert flow.handshake() == TC_ACT_OK
-    return flow
 
 
 def body_header_offsets(message):

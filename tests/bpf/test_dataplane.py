@@ -5,15 +5,9 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _layout, _render
 from tests.lib import amqp, packets
-from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow
+from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Flow, opened
 
 pytestmark = pytest.mark.bpf
-
-
-def opened(dp, **kwargs):
-    flow = Flow(dp, **kwargs)
-    assert flow.handshake() == TC_ACT_OK
-    return flow
 
 
 # -- the limit ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from ansible_collections.rabbitguard.limiter.plugins.module_utils import _render
 from tests.lib import amqp, packets
-from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Dataplane, Flow
+from tests.lib.dataplane import TC_ACT_OK, TC_ACT_SHOT, Dataplane, opened
 
 pytestmark = pytest.mark.bpf
 PROGRAMS = 34  # the entry program and 33 tail calls
@@ -26,12 +26,6 @@ def small_bound(request):
     dp = Dataplane(limit=1, action="drop", max_frames=8, force_skb_load_bytes=request.param)
     yield dp
     dp.close()
-
-
-def opened(dp):
-    flow = Flow(dp)
-    assert flow.handshake() == TC_ACT_OK
-    return flow
 
 
 def test_frames_beyond_the_first_bound_are_walked(dataplanes):

@@ -4,16 +4,10 @@ message body) from frames the limiter really did not see."""
 import pytest
 
 from tests.lib import amqp
-from tests.lib.dataplane import TC_ACT_OK, Flow
+from tests.lib.dataplane import TC_ACT_OK, Flow, opened
 
 pytestmark = pytest.mark.bpf
 MSS = 1400
-
-
-def opened(dp):
-    flow = Flow(dp)
-    assert flow.handshake() == TC_ACT_OK
-    return flow
 
 
 def counts(dp):

@@ -190,6 +190,13 @@ class Dataplane:
         shutil.rmtree(self.pin_dir, ignore_errors=True)
 
 
+def opened(dp, **kwargs):
+    """A Flow (kwargs: Flow's) whose SYN and protocol header the program passed."""
+    flow = Flow(dp, **kwargs)
+    assert flow.handshake() == TC_ACT_OK
+    return flow
+
+
 class Flow:
     """One client connection: builds its segments and tracks its sequence number."""
 
